@@ -1,0 +1,98 @@
+"""The public verbs. Each computes an estimate, writes it into `param.grad` (so any torch.optim optimizer can
+step it) and returns a StepResult. No training policy lives here."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import backends
+from .estimators.cge import cge_estimate
+from .estimators.common import (LossFn, QueryGuard, StepResult, check_choice, check_mask, check_mu, default_loss,
+                                evaluate_loss, trainable_parameters)
+from .estimators.rge import DISTRIBUTIONS, rge_estimate
+from .philox import _check_seed
+
+SCHEMES = ("forward", "central")
+
+
+def _write_grads(params: list[torch.Tensor], estimates: list[torch.Tensor], accumulate: bool) -> None:
+    for p, g in zip(params, estimates):
+        g = g.to(device=p.device, dtype=p.dtype)
+        if p.grad is None:
+            p.grad = g.clone() if accumulate else g
+        elif accumulate:
+            p.grad.add_(g)
+        else:
+            p.grad.copy_(g)
+
+
+def _base_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuard,
+               update_running_stats: bool) -> float:
+    with guard.same_randomness():
+        loss = evaluate_loss(loss_fn, model, batch, "the base (unperturbed) evaluation")
+    if not update_running_stats:
+        guard.restore_buffers()
+    return loss
+
+
+def _model_device(params: list[torch.Tensor]) -> torch.device:
+    return params[0].device
+
+
+@torch.no_grad()
+def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
+             mask: dict[str, torch.Tensor] | None = None, scheme: str = "forward", *,
+             update_running_stats: bool = True, accumulate: bool = False, backend: str | None = None) -> StepResult:
+    """Coordinate-wise gradient estimate of loss_fn(model, batch), written into `.grad`.
+
+    Every coordinate i (or only those where `mask[name]` is True; parameters missing from `mask` get zero) is
+    perturbed by mu: forward (ℓ(θ+μe_i) − ℓ(θ))/h_i or central (ℓ(θ+μe_i) − ℓ(θ−μe_i))/(2h_i), where h_i is the
+    step actually realized in the parameter's dtype. The base evaluation updates BN running statistics once
+    (like a training forward) unless update_running_stats=False; the queries never do, and parameters are
+    bit-identical afterwards even if loss_fn raises or returns NaN.
+    """
+    loss_fn = loss_fn or default_loss
+    mu = check_mu(mu)
+    check_choice("scheme", scheme, SCHEMES)
+    named = trainable_parameters(model)
+    mask = check_mask(mask, named)
+    params = [p for _, p in named]
+    used_backend = backends.resolve_backend(backend, _model_device(params))
+    guard = QueryGuard(model, params)
+    with guard:
+        base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+        guard.keep_current_buffers()
+        estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
+    _write_grads(params, [estimates[name] for name, _ in named], accumulate)
+    queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
+    return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates)
+
+
+@torch.no_grad()
+def rge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3, q: int = 1,
+             dist: str = "gaussian", seed: int | None = None, *, update_running_stats: bool = True,
+             accumulate: bool = False, backend: str | None = None) -> StepResult:
+    """Randomized gradient estimate (1/q) Σ_j w (ℓ(θ+μu_j) − ℓ(θ))/μ · u_j, written into `.grad`.
+
+    u_j is regenerated from (seed, j) by the Philox stream, never stored; `seed=None` draws one from torch's
+    global generator and reports it in the result. dist: 'gaussian' (u = z, w = 1), 'sphere' (u = z/||z||,
+    w = d), 'per_tensor_unit' (u = z/||z|| per tensor, and the DeepZero code's convention of no 1/μ).
+    """
+    loss_fn = loss_fn or default_loss
+    mu = check_mu(mu)
+    check_choice("dist", dist, DISTRIBUTIONS)
+    if isinstance(q, bool) or not isinstance(q, int):
+        raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
+    if q < 1:
+        raise ValueError(f"q must be >= 1 (number of random directions), got {q}")
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
+    params = [p for _, p in trainable_parameters(model)]
+    used_backend = backends.resolve_backend(backend, _model_device(params))
+    guard = QueryGuard(model, params)
+    with guard:
+        base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+        guard.keep_current_buffers()
+        estimates = rge_estimate(model, batch, loss_fn, mu, q, dist, seed, params, guard, base, used_backend)
+    _write_grads(params, estimates, accumulate)
+    return StepResult(loss=base, num_queries=1 + q, backend=used_backend, seed=seed)

@@ -1,0 +1,59 @@
+"""Coordinate-wise gradient estimation (CGE), the torch-backend evaluation: one in-place coordinate
+perturbation and one loss evaluation per query, restored by writing back the saved value.
+
+The incremental engine of zokernels/engine replaces the per-query full forward; this module defines what is
+estimated and the conventions every engine follows (realized step, forward/central schemes)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .common import LossFn, QueryGuard, evaluate_loss
+
+
+def coordinate_indices(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return torch.arange(param.numel())
+    return torch.nonzero(mask.reshape(-1).cpu()).flatten()
+
+
+def _query(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuard, what: str) -> float:
+    with guard.same_randomness():
+        return evaluate_loss(loss_fn, model, batch, what)
+
+
+def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, base_loss: float, mu: float,
+                       central: bool, loss_fn: LossFn, model: torch.nn.Module, batch: Any,
+                       guard: QueryGuard) -> torch.Tensor:
+    flat = param.data.view(-1)
+    estimate = torch.zeros(flat.numel(), dtype=torch.float64)
+    for i in indices.tolist():
+        original = flat[i].item()
+        flat[i] = original + mu
+        step_up = flat[i].item() - original
+        loss_up = _query(loss_fn, model, batch, guard, f"the +mu query of {name}[{i}]")
+        if central:
+            flat[i] = original - mu
+            step_down = original - flat[i].item()
+            loss_down = _query(loss_fn, model, batch, guard, f"the -mu query of {name}[{i}]")
+            estimate[i] = (loss_up - loss_down) / (step_up + step_down)
+        else:
+            estimate[i] = (loss_up - base_loss) / step_up
+        flat[i] = original
+    return estimate.view_as(param).to(param.dtype)
+
+
+def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, named_params, mask,
+                 scheme: str, guard: QueryGuard, base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
+    """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates."""
+    estimates, n_coordinates = {}, 0
+    for name, param in named_params:
+        if mask is not None and name not in mask:
+            estimates[name] = torch.zeros_like(param)
+            continue
+        indices = coordinate_indices(param, None if mask is None else mask[name])
+        n_coordinates += indices.numel()
+        estimates[name] = _cge_one_parameter(name, param, indices, base_loss, mu, scheme == "central", loss_fn,
+                                             model, batch, guard)
+    return estimates, n_coordinates

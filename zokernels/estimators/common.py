@@ -1,0 +1,158 @@
+"""What every estimator shares: argument checks, the default loss, loss evaluation with clear failures, and the
+guard that makes queries side-effect free."""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """loss_fn returned NaN or inf during a query; parameters were restored before this was raised."""
+
+
+@dataclass
+class StepResult:
+    """What a step did. `loss` is the loss at the unperturbed parameters."""
+
+    loss: float
+    num_queries: int
+    backend: str
+    num_coordinates: int = 0
+    seed: int | None = None
+
+
+def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of model(x) against y for batch = (x, y)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            "batch must be a tuple (x, y) when loss_fn is not given (default loss: cross-entropy of model(x) "
+            f"vs y), got {type(batch).__name__}; pass loss_fn(model, batch) for other batches")
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs), targets)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    if not params:
+        raise ValueError("model has no trainable floating-point parameters (requires_grad=True); nothing to estimate")
+    return params
+
+
+def check_mu(mu: float) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)):
+        raise TypeError(f"mu must be a positive float, got {type(mu).__name__}")
+    if not (math.isfinite(mu) and mu > 0):
+        raise ValueError(f"mu must be a finite float > 0, got {mu}")
+    return float(mu)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_mask(mask: dict[str, torch.Tensor] | None,
+               params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor] | None:
+    """Validates a name -> bool tensor mask. Parameters absent from the mask get no coordinates."""
+    if mask is None:
+        return None
+    if not isinstance(mask, dict):
+        raise TypeError(f"mask must be a dict name -> bool tensor, got {type(mask).__name__}")
+    shapes = {name: p.shape for name, p in params}
+    for name, m in mask.items():
+        if name not in shapes:
+            raise ValueError(f"mask has key {name!r}, which is not a trainable parameter; "
+                             f"expected keys among {sorted(shapes)[:8]}{'...' if len(shapes) > 8 else ''}")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+            raise TypeError(f"mask[{name!r}] must be a torch.bool tensor, got {got}")
+        if m.shape != shapes[name]:
+            raise ValueError(f"mask[{name!r}] must have the parameter's shape {tuple(shapes[name])}, "
+                             f"got {tuple(m.shape)}")
+    return mask
+
+
+def evaluate_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any, query: str) -> float:
+    """Calls loss_fn and returns a finite Python float; failures name the query they happened in."""
+    try:
+        value = loss_fn(model, batch)
+    except Exception as error:
+        error.add_note(f"zokernels: raised by loss_fn during {query}; parameters and buffers were restored")
+        raise
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar, got a tensor of shape {tuple(value.shape)} in {query}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"loss_fn returned {value} during {query}; parameters and buffers were restored")
+    return value
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 would swamp loss differences of size ~mu; switch it off and restore the user's setting."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class QueryGuard:
+    """Snapshots parameters and buffers; on exit (normal or not) writes them back bit-exactly, so queries never
+    leave parameters perturbed nor BN running statistics moved. Also fixes the RNG for every forward, so that
+    stochastic layers (dropout) draw the same numbers in every query of a step (common random numbers)."""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
+        self.model = model
+        self.params = params
+        self.forward_seed = int(torch.randint(0, 2**62, (1,)).item())
+
+    def __enter__(self) -> "QueryGuard":
+        self._param_backup = [p.detach().clone() for p in self.params]
+        self._buffer_backup = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._fp32 = strict_fp32()
+        self._fp32.__enter__()
+        return self
+
+    def restore_parameters(self) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, self._param_backup):
+                p.copy_(saved)
+
+    def keep_current_buffers(self) -> None:
+        """Makes the buffers' current values (e.g. after the base forward) the ones restored on exit."""
+        for b, saved in self._buffer_backup:
+            saved.copy_(b)
+
+    def restore_buffers(self) -> None:
+        with torch.no_grad():
+            for b, saved in self._buffer_backup:
+                b.copy_(saved)
+
+    @contextlib.contextmanager
+    def same_randomness(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.forward_seed)
+            yield
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.restore_parameters()
+            self.restore_buffers()
+        finally:
+            self._fp32.__exit__(None, None, None)

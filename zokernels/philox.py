@@ -1,0 +1,118 @@
+"""Seed-regenerated Gaussian directions z(seed, stream, offset): the public face of the Philox kernels.
+
+A direction over a list of tensors is one stream; tensor t's elements use global offsets starting at the sum of
+the numels before it, so z does not depend on how parameters are grouped, chunked or threaded.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import backends
+from .reference.philox_ref import philox_normal_ref, philox_uint32_ref
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_UINT64_MAX = 2**64 - 1
+
+
+def _check_seed(name: str, value: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= int(value) <= _UINT64_MAX:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return int(value)
+
+
+def _use_cpu_ext(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
+    devices = {t.device for t in tensors} or {torch.device("cpu")}
+    if len(devices) != 1:
+        raise ValueError(f"tensors must all be on one device, got {sorted(map(str, devices))}")
+    return backends.resolve_backend(backend, devices.pop()) == "cpu"
+
+
+def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> torch.Tensor:
+    """float32 tensor of z(seed, stream, offset + i), i < n."""
+    seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if _use_cpu_ext([], backend):
+        out = torch.empty(n, dtype=torch.float32)
+        backends._C.philox_normal(out.data_ptr(), n, seed, stream, offset)
+        return out
+    return torch.from_numpy(philox_normal_ref(n, seed, stream, offset))
+
+
+def philox_uint32(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> np.ndarray:
+    """The raw uint32 Philox words behind z (for tests and cross-backend checks)."""
+    seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
+    if _use_cpu_ext([], backend):
+        out = np.empty(n, dtype=np.uint32)
+        backends._C.philox_uint32(out.ctypes.data, n, seed, stream, offset)
+        return out
+    return philox_uint32_ref(n, seed, stream, offset)
+
+
+def stream_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Global element offset of each tensor when the list is read as one flat vector."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += t.numel()
+    return offsets
+
+
+def normal_sumsq(numel: int, seed: int, stream: int, offset: int, backend: str | None = None) -> float:
+    """Σ z(seed, stream, offset + i)² over i < numel, without materializing z on the cpu backend."""
+    if _use_cpu_ext([], backend):
+        return float(backends._C.philox_normal_sumsq(numel, _check_seed("seed", seed), stream, offset))
+    z = philox_normal_ref(numel, seed, stream, offset).astype(np.float64)
+    return float(np.dot(z, z))
+
+
+def _check_sweep_targets(tensors: Sequence[torch.Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"tensors[{i}] must be float32/float64/float16/bfloat16, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"tensors[{i}] must be contiguous (the sweep writes its storage in order)")
+
+
+def add_normal_combination_(
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    seed: int,
+    terms: Sequence[tuple[int, float]],
+    scales: Sequence[float] | None = None,
+    backend: str | None = None,
+) -> None:
+    """In place, for every tensor t: t += scales[t] · Σ_k coeff_k · z(seed, stream_k, offsets[t] + i).
+
+    One pass over all tensors (multi-tensor sweep); z is regenerated, never stored. The combination is formed in
+    fp32 and added in fp32 (rounded once to the tensor's dtype)."""
+    if len(offsets) != len(tensors):
+        raise ValueError(f"offsets must have one entry per tensor ({len(tensors)}), got {len(offsets)}")
+    scales = [1.0] * len(tensors) if scales is None else list(scales)
+    if len(scales) != len(tensors):
+        raise ValueError(f"scales must have one entry per tensor ({len(tensors)}), got {len(scales)}")
+    _check_sweep_targets(tensors)
+    seed = _check_seed("seed", seed)
+    if _use_cpu_ext(tensors, backend):
+        # Per-tensor scales are folded into the coefficients: one call per distinct scale keeps one pass each.
+        for scale in sorted(set(scales)):
+            group = [(t.data_ptr(), t.numel(), o, _DTYPE_CODES[t.dtype])
+                     for t, o, s in zip(tensors, offsets, scales) if s == scale and t.numel() > 0]
+            scaled_terms = [(int(stream), float(np.float32(coeff) * np.float32(scale))) for stream, coeff in terms]
+            if group:
+                backends._C.philox_axpy_multi(group, seed, scaled_terms)
+        return
+    for t, offset, scale in zip(tensors, offsets, scales):
+        combination = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
+        for stream, coeff in terms:
+            coeff32 = float(np.float32(coeff) * np.float32(scale))
+            z = torch.from_numpy(philox_normal_ref(t.numel(), seed, stream, offset)).to(t.device)
+            combination += coeff32 * z
+        with torch.no_grad():
+            t.copy_((t.float() + combination.view_as(t)).to(t.dtype) if t.dtype != torch.float64
+                    else t + combination.view_as(t).double())
