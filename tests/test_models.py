@@ -54,3 +54,12 @@ def test_bad_arguments_name_the_argument():
         build_model("vgg")
     with pytest.raises(ValueError, match="num_classes"):
         resnet20(num_classes=0)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "none"])
+def test_small_cnn_pooling_variants_keep_counts_and_handle_tiny_inputs(pool):
+    model = small_cnn(5, pool=pool)
+    assert count_parameters(model) == 12_610
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)  # 8x8 pooled 5 times stays >= 1x1 (ceil_mode)
+    with pytest.raises(ValueError, match="pool"):
+        small_cnn(1, pool="sum")

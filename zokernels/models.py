@@ -5,7 +5,8 @@
   normal init of conv and linear weights. ResNet-20 has exactly 269,722 parameters.
 - `small_cnn(depth)`: the adjustable CNN of the paper's CGE-vs-RGE study. The counts the paper reports
   (730 / 3,700 / 6,670 / 9,640 / 12,610 for depth 1..5) are matched exactly by, on 3-channel inputs:
-      depth x [Conv3x3(18 out, padding 1, bias) -> BatchNorm2d(18) -> ReLU] -> global avg pool -> Linear(18, 10)
+      depth x [Conv3x3(18 out, padding 1, bias) -> BatchNorm2d(18) -> ReLU -> 2x2 pool] -> global avg pool
+    -> Linear(18, 10)    (the same layer structure as the DeepZero code's AdjustableCNN; pooling has no params)
   first layer 3*9*18 + 18 + 36 = 540, each further layer 18*9*18 + 18 + 36 = 2,970, head 18*10 + 10 = 190:
   540 + 190 = 730, then +2,970 per layer. On 1-channel inputs the first layer has 360 fewer parameters.
 """
@@ -128,11 +129,13 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 
 def small_cnn(depth: int = 1, in_channels: int = 3, num_classes: int = 10, channels: int = 18,
-              kaiming: bool = True) -> nn.Sequential:
-    """The paper's small CNN: depth x [Conv3x3(bias) -> BN -> ReLU] -> global average pool -> Linear.
+              pool: str = "avg", kaiming: bool = True) -> nn.Sequential:
+    """The paper's small CNN: depth x [Conv3x3(bias) -> BN -> ReLU -> pool 2x2] -> global average pool -> Linear.
 
     With the defaults (3-channel input, 18 channels, 10 classes) depth 1..5 has 730 / 3,700 / 6,670 / 9,640 /
-    12,610 parameters. A Sequential of plain modules, so parameter names are '0.weight', '1.weight', ..."""
+    12,610 parameters. pool: 'avg' (default: linear and channel-wise, cheap for a delta engine), 'max' (the
+    DeepZero code's AdjustableCNN) or 'none'; pooling uses ceil_mode so a 1x1 map stays 1x1 at any depth.
+    A Sequential of plain modules, so parameter names are '0.weight', '1.weight', ..."""
     if isinstance(depth, bool) or not isinstance(depth, int):
         raise TypeError(f"depth must be an int, got {type(depth).__name__}")
     if depth not in SMALL_CNN_DEPTHS:
@@ -140,10 +143,15 @@ def small_cnn(depth: int = 1, in_channels: int = 3, num_classes: int = 10, chann
     _check_positive_int("in_channels", in_channels)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("channels", channels)
+    pools = {"avg": lambda: nn.AvgPool2d(2, ceil_mode=True), "max": lambda: nn.MaxPool2d(2, ceil_mode=True)}
+    if pool not in (*pools, "none"):
+        raise ValueError(f"pool must be one of ('avg', 'max', 'none'), got {pool!r}")
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=True),
                    nn.BatchNorm2d(channels), nn.ReLU()]
+        if pool != "none":
+            layers.append(pools[pool]())
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     model = nn.Sequential(*layers)
     if kaiming:
