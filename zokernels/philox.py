@@ -116,3 +116,48 @@ def add_normal_combination_(
         with torch.no_grad():
             t.copy_((t.float() + combination.view_as(t)).to(t.dtype) if t.dtype != torch.float64
                     else t + combination.view_as(t).double())
+
+
+def normal_combination_into(
+    out: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    seed: int,
+    terms: Sequence[tuple[int, float]],
+    minus: Sequence[torch.Tensor] | None = None,
+    backend: str | None = None,
+) -> None:
+    """Out of place, for every tensor t: out[t] = sources[t] + d and, if given, minus[t] = sources[t] − d, with
+    d = Σ_k coeff_k · z(seed, stream_k, offsets[t] + i) formed in fp32 exactly as in add_normal_combination_.
+
+    One pass writes both points θ ± d of a central difference from the same regenerated z; `sources` is only read,
+    so the unperturbed values stay bit-exact."""
+    for name, group in (("sources", sources), ("offsets", offsets)) + ((("minus", minus),) if minus is not None
+                                                                      else ()):
+        if len(group) != len(out):
+            raise ValueError(f"{name} must have one entry per output tensor ({len(out)}), got {len(group)}")
+    targets = list(out) + list(sources) + (list(minus) if minus is not None else [])
+    _check_sweep_targets(targets)
+    for i, (o, s) in enumerate(zip(out, sources)):
+        others = [s] + ([minus[i]] if minus is not None else [])
+        if any(x.shape != o.shape or x.dtype != o.dtype for x in others):
+            raise ValueError(f"out[{i}], sources[{i}] (and minus[{i}]) must share shape and dtype, got "
+                             f"{[(tuple(x.shape), x.dtype) for x in [o] + others]}")
+    seed = _check_seed("seed", seed)
+    terms32 = [(int(stream), float(np.float32(coeff))) for stream, coeff in terms]
+    if _use_cpu_ext(targets, backend):
+        keep = [i for i, o in enumerate(out) if o.numel() > 0]
+        backends._C.philox_axpy_multi(
+            [(out[i].data_ptr(), out[i].numel(), offsets[i], _DTYPE_CODES[out[i].dtype]) for i in keep], seed,
+            terms32, [sources[i].data_ptr() for i in keep], [minus[i].data_ptr() for i in keep] if minus else [])
+        return
+    for i, (o, s, offset) in enumerate(zip(out, sources, offsets)):
+        d = torch.zeros(o.numel(), dtype=torch.float32)
+        for stream, coeff in terms32:
+            d += coeff * torch.from_numpy(philox_normal_ref(o.numel(), seed, stream, offset))
+        d = d.to(o.device).view_as(o)
+        wide = torch.float64 if o.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            o.copy_((s.to(wide) + d.to(wide)).to(o.dtype))
+            if minus is not None:
+                minus[i].copy_((s.to(wide) - d.to(wide)).to(o.dtype))

@@ -8,11 +8,15 @@ namespace zokernels {
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // A contiguous tensor's storage and the global element offset of its first element in the parameter stream.
+// src, when set, is read instead of data (out-of-place sweep data = src + ...); minus, when set, also receives
+// src - ... from the same z (both points of a central difference in one pass). Same numel and dtype.
 struct TensorView {
   void* data;
   int64_t numel;
   uint64_t offset;
   DType dtype;
+  const void* src = nullptr;
+  void* minus = nullptr;
 };
 
 // One term coeff * z(seed, stream, .) of a linear combination of normal streams.
@@ -21,10 +25,16 @@ struct StreamTerm {
   float coeff;
 };
 
+// Arguments (of 2 x 2^24) where libm rounds differently from the vectorized Box-Muller; sweeps send those pairs to
+// libm. The first call builds the table (~1 s, 4 MiB).
+int64_t box_muller_mismatches_cpu();
+// philox_normal_at element by element: the scalar definition, for tests of the batched path.
+void philox_normal_scalar_cpu(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);
 void philox_uint32_cpu(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);
 void philox_normal_cpu(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);
 double philox_normal_sumsq_cpu(int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);
-// For every tensor t and element i: t[i] += sum_k coeff_k * z(seed, stream_k, t.offset + i), one pass.
+// For every tensor t and element i: t[i] = (src or t)[i] + d_i (and minus[i] = (src or t)[i] - d_i), d_i = sum_k coeff_k * z(seed, stream_k, t.offset + i), one
+// pass over all tensors.
 void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed,
                            const std::vector<StreamTerm>& terms);
 

@@ -39,9 +39,12 @@ void set_openmp_threads(int n) {
 #endif
 }
 
-// tensors: list of (data_ptr, numel, global_offset, dtype_code); terms: list of (stream, coeff).
+// tensors: list of (data_ptr, numel, global_offset, dtype_code); terms: list of (stream, coeff); sources: empty
+// (in place) or one data_ptr per tensor to read from (out of place, same numel and dtype); minus: empty or one
+// data_ptr per tensor that receives source - combination.
 void philox_axpy_multi(const std::vector<std::tuple<uintptr_t, int64_t, uint64_t, int>>& tensors, uint64_t seed,
-                       const std::vector<std::tuple<uint64_t, float>>& terms) {
+                       const std::vector<std::tuple<uint64_t, float>>& terms,
+                       const std::vector<uintptr_t>& sources, const std::vector<uintptr_t>& minus) {
   std::vector<TensorView> views;
   for (const auto& [ptr, numel, offset, dtype] : tensors) {
     if (dtype < 0 || dtype > 3) throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtype));
@@ -49,6 +52,18 @@ void philox_axpy_multi(const std::vector<std::tuple<uintptr_t, int64_t, uint64_t
   }
   std::vector<StreamTerm> stream_terms;
   for (const auto& [stream, coeff] : terms) stream_terms.push_back({stream, coeff});
+  if (!sources.empty()) {
+    if (sources.size() != views.size())
+      throw py::value_error("sources must have one entry per tensor (" + std::to_string(views.size()) + "), got " +
+                            std::to_string(sources.size()));
+    for (size_t i = 0; i < views.size(); ++i) views[i].src = as_pointer(sources[i]);
+  }
+  if (!minus.empty()) {
+    if (minus.size() != views.size())
+      throw py::value_error("minus must have one entry per tensor (" + std::to_string(views.size()) + "), got " +
+                            std::to_string(minus.size()));
+    for (size_t i = 0; i < views.size(); ++i) views[i].minus = as_pointer(minus[i]);
+  }
   py::gil_scoped_release release;
   zokernels::philox_axpy_multi_cpu(views, seed, stream_terms);
 }
@@ -86,5 +101,17 @@ PYBIND11_MODULE(_C, m) {
         return zokernels::philox_normal_sumsq_cpu(n, seed, stream, offset);
       },
       py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
-  m.def("philox_axpy_multi", &philox_axpy_multi, py::arg("tensors"), py::arg("seed"), py::arg("terms"));
+  m.def("box_muller_mismatches", [] {
+    py::gil_scoped_release release;
+    return zokernels::box_muller_mismatches_cpu();
+  });
+  m.def(
+      "philox_normal_scalar",
+      [](uintptr_t out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
+        py::gil_scoped_release release;
+        zokernels::philox_normal_scalar_cpu(static_cast<float*>(as_pointer(out)), n, seed, stream, offset);
+      },
+      py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
+  m.def("philox_axpy_multi", &philox_axpy_multi, py::arg("tensors"), py::arg("seed"), py::arg("terms"),
+        py::arg("sources") = std::vector<uintptr_t>{}, py::arg("minus") = std::vector<uintptr_t>{});
 }
