@@ -1,0 +1,242 @@
+"""MeZO (Malladi et al. 2023): SPSA with seed-regenerated directions, every perturbation one multi-tensor Philox
+sweep over the selected parameters. Direction j of a step is the stream z(seed, j, ·) over the selected
+parameters read as one flat vector, so z is regenerated from (seed, j), never stored.
+
+Two ways of forming θ ± μz (`mode`):
+- "exact" (default): one dual sweep writes θ + μz and θ − μz into two scratch copies and the queries swap the
+  parameters' storage to them (O(1)); θ itself is never written until the update. A loss that raises or returns NaN
+  therefore leaves θ bit-identical, each query point is rounded once (fl(θ ± fl(μz))), and the update
+  θ ← fl(θ + fl(Σ_j c_j z_j)), c_j = fl32(−lr·g_j/q), equals the per-tensor reference bit for bit. Memory: two
+  extra copies of the selected parameters; z is generated 2 times per direction.
+- "inplace" (MeZO's memory: no copy): θ += μz; θ −= 2μz; θ += (μ − lr·g)z, as in the MeZO code but one sweep per
+  phase (restores and the next direction's perturbation share a sweep when q > 1). Each sweep rounds once, so
+  after the step |θ − θ_ref| ≤ ½[ulp(θ⁺) + ulp(θ⁻) + ulp(θ_new) + ulp(θ_ref)] + 2⁻²³(|μz| + |(μ − lr·g)z| + |lr·g·z|)
+  per element (tests/test_mezo_numerics.py checks it); on failure the pending perturbation is undone by one sweep,
+  |θ_restored − θ| ≤ ½[ulp(θ ± μz) + ulp(θ_restored)]. In bf16 that noise is ~100× a typical update: use "exact".
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import backends, philox
+from ..philox import _check_seed
+from .common import LossFn, StepResult, check_choice, check_mu, default_loss, evaluate_loss, strict_fp32, \
+    trainable_parameters
+
+MODES = ("exact", "inplace")
+PRESET_FILTERS = ("all", "bias", "norm", "bias_norm")
+ParamFilter = Callable[[str, torch.nn.Parameter], bool]
+
+
+@dataclass
+class MeZOResult(StepResult):
+    """`loss` is (ℓ⁺ + ℓ⁻)/2 averaged over directions: the loss at θ up to O(μ²) (MeZO evaluates no base loss)."""
+
+    projected_grads: list[float] = field(default_factory=list)
+
+
+def _is_norm(model: torch.nn.Module) -> dict[str, bool]:
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+    out = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            out[f"{module_name}.{name}" if module_name else name] = isinstance(module, norms) or \
+                "layernorm" in type(module).__name__.lower() or "rmsnorm" in type(module).__name__.lower()
+    return out
+
+
+def select_parameters(model: torch.nn.Module, param_filter: str | ParamFilter | None
+                      ) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters kept by `param_filter`: None/'all', 'bias', 'norm' (LayerNorm/BatchNorm/GroupNorm/RMSNorm
+    weights and biases), 'bias_norm', or a callable (name, param) -> bool."""
+    named = trainable_parameters(model)
+    if param_filter is None or param_filter == "all":
+        keep = named
+    elif isinstance(param_filter, str):
+        check_choice("param_filter", param_filter, PRESET_FILTERS)
+        norm = _is_norm(model)
+        want_bias, want_norm = param_filter in ("bias", "bias_norm"), param_filter in ("norm", "bias_norm")
+        keep = [(n, p) for n, p in named if (want_bias and n.endswith("bias")) or (want_norm and norm.get(n))]
+    elif callable(param_filter):
+        keep = [(n, p) for n, p in named if param_filter(n, p)]
+    else:
+        raise TypeError(f"param_filter must be None, one of {PRESET_FILTERS} or a callable (name, param) -> bool, "
+                        f"got {type(param_filter).__name__}")
+    if not keep:
+        raise ValueError(f"param_filter={param_filter!r} selected no trainable parameter of the model")
+    devices = {p.device for _, p in keep}
+    if len(devices) != 1:
+        raise ValueError(f"selected parameters must be on one device, got {sorted(map(str, devices))}")
+    for name, p in keep:
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {name!r} is not contiguous; the sweeps write storage in order "
+                             "(call .data = .data.contiguous() first)")
+    return keep
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_lr(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return float(value)
+
+
+class Perturbation:
+    """The selected parameters, their stream offsets and (exact mode) the two scratch copies θ⁺, θ⁻."""
+
+    def __init__(self, model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], backend: str | None,
+                 scratch: bool):
+        self.model, self.named = model, named
+        self.params = [p for _, p in named]
+        self.offsets = philox.stream_offsets(self.params)
+        self.backend = backends.resolve_backend(backend, self.params[0].device)
+        self.plus = [torch.empty_like(p) for p in self.params] if scratch else []
+        self.minus = [torch.empty_like(p) for p in self.params] if scratch else []
+        self._saved: list[torch.Tensor] | None = None
+
+    def write_points(self, center: list[torch.Tensor], seed: int, stream: int, mu: float) -> None:
+        """θ⁺ = center + μz, θ⁻ = center − μz in one sweep (z = z(seed, stream))."""
+        philox.normal_combination_into(self.plus, center, self.offsets, seed, [(stream, mu)], self.minus,
+                                       self.backend)
+
+    @contextlib.contextmanager
+    def swapped(self, values: list[torch.Tensor]) -> Iterator[None]:
+        """The parameters read `values` inside the block (storage swap, no copy); always swapped back."""
+        saved = [p.data for p in self.params]
+        try:
+            for p, v in zip(self.params, values):
+                p.data = v
+            yield
+        finally:
+            for p, s in zip(self.params, saved):
+                p.data = s
+
+    def sweep(self, seed: int, terms: list[tuple[int, float]]) -> None:
+        philox.add_normal_combination_(self.params, self.offsets, seed, terms, None, self.backend)
+
+
+class QueryContext:
+    """Common random numbers for all queries of a step (dropout draws the same masks), strict fp32, and buffers
+    (e.g. BN running statistics) restored after every query so queries have no side effects."""
+
+    def __init__(self, model: torch.nn.Module, generator_devices: list[torch.device]):
+        self.model = model
+        self.forward_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.devices = [d for d in generator_devices if d.type == "cuda"]
+
+    def __enter__(self) -> "QueryContext":
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.fp32 = strict_fp32()
+        self.fp32.__enter__()
+        return self
+
+    def loss(self, loss_fn: LossFn, batch: Any, label: str) -> float:
+        try:
+            with torch.random.fork_rng(devices=self.devices):
+                torch.manual_seed(self.forward_seed)
+                return evaluate_loss(loss_fn, self.model, batch, label)
+        finally:
+            with torch.no_grad():
+                for b, saved in self.buffers:
+                    b.copy_(saved)
+
+    def __exit__(self, *exc: object) -> None:
+        self.fp32.__exit__(None, None, None)
+
+
+def central_difference_exact(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batches: list[Any],
+                             center: list[torch.Tensor], seed: int, stream: int, mu: float,
+                             label: str) -> tuple[float, float]:
+    """Mean losses over `batches` at center ± μz(seed, stream); the parameters are swapped, never written."""
+    pert.write_points(center, seed, stream, mu)
+    losses = []
+    for sign, point in (("+", pert.plus), ("-", pert.minus)):
+        with pert.swapped(point):
+            values = [ctx.loss(loss_fn, b, f"{label} at θ{sign}μz (seed {seed}, stream {stream})") for b in batches]
+        losses.append(sum(values) / len(values))
+    return losses[0], losses[1]
+
+
+def _inplace_directions(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, q: int,
+                        mu: float) -> tuple[list[float], list[tuple[float, float]]]:
+    """θ += μz_j; ℓ⁺; θ −= 2μz_j; ℓ⁻ for each j, leaving θ at θ − μz_{q−1} (+ rounding): the caller's final sweep
+    restores and updates. The restore of z_j shares the sweep that perturbs along z_{j+1}."""
+    pending: list[tuple[int, float]] = []  # what has to be added to return θ to its value
+    grads, pairs = [], []
+    try:
+        for j in range(q):
+            pert.sweep(seed, [(stream, coeff) for stream, coeff in pending] + [(j, mu)])
+            pending = [(j, -mu)]
+            plus = ctx.loss(loss_fn, batch, f"MeZO query θ+μz (seed {seed}, stream {j})")
+            pert.sweep(seed, [(j, -2.0 * mu)])
+            pending = [(j, mu)]
+            minus = ctx.loss(loss_fn, batch, f"MeZO query θ-μz (seed {seed}, stream {j})")
+            grads.append((plus - minus) / (2.0 * mu))
+            pairs.append((plus, minus))
+    except BaseException:
+        if pending:
+            pert.sweep(seed, pending)
+        raise
+    return grads, pairs
+
+
+def mezo_update_terms(grads: list[float], lr: float) -> list[tuple[int, float]]:
+    q = len(grads)
+    return [(j, -lr * g / q) for j, g in enumerate(grads)]
+
+
+def _check_step_args(mu: float, lr: float, q: int, mode: str, seed: int | None) -> tuple[float, float, int, int]:
+    mu, lr, q = check_mu(mu), check_lr("lr", lr), check_positive_int("q", q)
+    check_choice("mode", mode, MODES)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
+    return mu, lr, q, seed
+
+
+@torch.no_grad()
+def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
+              lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: str | ParamFilter | None = None,
+              *, mode: str = "exact", backend: str | None = None) -> MeZOResult:
+    """One MeZO step: for each direction j < q, g_j = (ℓ(θ + μz_j) − ℓ(θ − μz_j)) / (2μ) on `batch`, then
+    θ ← θ − (lr/q) Σ_j g_j z_j, z_j = z(seed, j) regenerated by the Philox sweeps (never stored).
+
+    Works on any torch module (Hugging Face models included) with fp32/fp64/fp16/bf16 parameters; `param_filter`
+    picks what is tuned (see select_parameters). `mode` 'exact' (bit-exact restore, +2 parameter copies) or
+    'inplace' (MeZO's memory); see the module docstring for the rounding each gives. Both queries of a direction
+    see the same dropout randomness; buffers are left as they were. `seed=None` draws one (reported).
+    """
+    loss_fn = loss_fn or default_loss
+    mu, lr, q, seed = _check_step_args(mu, lr, q, mode, seed)
+    named = select_parameters(model, param_filter)
+    pert = Perturbation(model, named, backend, scratch=mode == "exact")
+    with QueryContext(model, [pert.params[0].device]) as ctx:
+        if mode == "exact":
+            grads, pairs = [], []
+            for j in range(q):
+                plus, minus = central_difference_exact(ctx, pert, loss_fn, [batch], pert.params, seed, j, mu,
+                                                       "MeZO query")
+                grads.append((plus - minus) / (2.0 * mu))
+                pairs.append((plus, minus))
+            terms = mezo_update_terms(grads, lr)
+        else:
+            grads, pairs = _inplace_directions(ctx, pert, loss_fn, batch, seed, q, mu)
+            terms = mezo_update_terms(grads, lr)
+            last, coeff = terms[-1]
+            terms[-1] = (last, mu + coeff)  # the restore of the last direction joins the update sweep
+    if any(c != 0.0 for _, c in terms):
+        pert.sweep(seed, terms)
+    loss = sum((a + b) / 2.0 for a, b in pairs) / q
+    return MeZOResult(loss=loss, num_queries=2 * q, backend=pert.backend, seed=seed, projected_grads=grads)
