@@ -57,3 +57,89 @@ def iterate_minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gener
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
         yield x[index], y[index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 from a user's folder (the standard "python version": data_batch_1..5 and test_batch, pickled dicts
+# with b"data" (N, 3072) uint8 rows in CHW order and b"labels"). Nothing is downloaded.
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _cifar_folder(root) -> "Path":
+    from pathlib import Path
+
+    root = Path(root)
+    for candidate in (root, root / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file() and (candidate / "data_batch_1").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--data: {root} is not a CIFAR-10 python-batch folder (expected data_batch_1..5 and test_batch in it or in "
+        f"its cifar-10-batches-py/ subfolder; get cifar-10-python.tar.gz from the CIFAR site and extract it)")
+
+
+def _read_cifar_batch(path) -> tuple[torch.Tensor, torch.Tensor]:
+    import pickle
+
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    data = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels entries)")
+    images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
+    return images, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _normalize_cifar(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def load_cifar10_tensors(root, train_limit: int | None = None, test_limit: int | None = None) -> TensorSplit:
+    """CIFAR-10 from `root` as a TensorSplit, normalized with the usual per-channel CIFAR-10 mean/std.
+
+    Train batches present in the folder are all read (a folder with only data_batch_1 works, for tests);
+    `train_limit` / `test_limit` keep the first n examples (smoke runs)."""
+    folder = _cifar_folder(root)
+    parts = [_read_cifar_batch(folder / name) for name in _CIFAR10_TRAIN_FILES if (folder / name).is_file()]
+    train_x = torch.cat([p[0] for p in parts])
+    train_y = torch.cat([p[1] for p in parts])
+    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    for name, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+    train_x, train_y = train_x[:train_limit], train_y[:train_limit]
+    test_x, test_y = test_x[:test_limit], test_y[:test_limit]
+    return TensorSplit(_normalize_cifar(train_x), train_y, _normalize_cifar(test_x), test_y, 10)
+
+
+def cifar_black_fill() -> torch.Tensor:
+    """The normalized value of a black pixel: what torchvision's RandomCrop(padding=4) pads with."""
+    return (-torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD)).view(1, 3, 1, 1)
+
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True,
+                      fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The paper's (and standard CIFAR) augmentation on a batch: pad by `padding` with `fill`, take a random
+    crop of the original size, flip horizontally with probability 1/2. Drawn from `generator` (reproducible)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    n, c, h, w = x.shape
+    padded = torch.empty(n, c, h + 2 * padding, w + 2 * padding, dtype=x.dtype)
+    padded[:] = torch.as_tensor(fill, dtype=x.dtype)
+    padded[:, :, padding:padding + h, padding:padding + w] = x
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        out[flipped] = out[flipped].flip(-1)
+    return out
