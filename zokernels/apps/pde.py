@@ -1,0 +1,149 @@
+"""`zokernels train pde`: solver-in-the-loop error correction of a coarse black-box PDE solver (DeepZero §PDE).
+
+A coarse PhiFlow Burgers solver (numpy backend, no gradients) is corrected after every step by a small CNN. The
+corrector is trained SRC (not at all), NON (offline pairs), ZO-SOL (Sparse-CGE through the black box, unrolled)
+and FO-SOL (backprop through the torch twin of the same solver), then every corrected solver is rolled out from
+held-out initial conditions and compared with the downsampled fine-grid reference: MAE mean ± std over the test
+trajectories, a field-comparison PNG and per-method loss curves in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .common import CsvLog, plot_curves, save_checkpoint_atomic
+from .pde_model import Corrector, rollout_batched, stacked_parameters
+from .pde_solver import BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states, reference_trajectories
+from .pde_train import METHODS, TrainSettings, train_corrector
+
+LABELS = {"src": "SRC", "non": "NON", "zo-sol": "ZO-SOL", "fo-sol": "FO-SOL"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--methods", default="src,non,zo-sol,fo-sol", help="comma list among src,non,zo-sol,fo-sol")
+    add("--coarse", type=int, default=16, help="coarse grid cells per side")
+    add("--refine", type=int, default=2, help="reference grid = coarse * refine, with refine time substeps")
+    add("--dt", type=float, default=0.1)
+    add("--viscosity", type=float, default=0.02)
+    add("--amplitude", type=float, default=2.0, help="peak initial speed component")
+    add("--train-trajectories", type=int, default=32)
+    add("--test-trajectories", type=int, default=16)
+    add("--frames", type=int, default=24, help="coarse steps per reference trajectory (and per test rollout)")
+    add("--hidden", type=int, default=8, help="corrector width")
+    add("--steps", type=int, default=200, help="optimizer steps per method")
+    add("--batch-size", type=int, default=8, help="training windows per step")
+    add("--unroll", type=int, default=4, help="solver steps unrolled per window (NON: pairs per step = B*unroll)")
+    add("--lr", type=float, default=1e-3)
+    add("--mu", type=float, default=5e-3, help="CGE perturbation")
+    add("--density", type=float, default=0.05, help="Sparse-CGE: fraction of each weight tensor (biases: all)")
+    add("--max-queries", type=int, default=256, help="parameter sets per batched rollout")
+    add("--engine", choices=("batched", "api"), default="batched",
+        help="batched: queries through the solver as one batch; api: zokernels.cge_step, one query at a time")
+    add("--seed", type=int, default=0)
+    add("--out", default="runs/pde", help="folder for the PNGs, CSV logs and corrector checkpoints")
+
+
+def _make_data(args: argparse.Namespace, config: BurgersConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    count = args.train_trajectories + args.test_trajectories
+    initial = random_initial_states(count, config.fine, generator, amplitude=args.amplitude)
+    references = reference_trajectories(config, initial, args.frames)
+    return references[:args.train_trajectories], references[args.train_trajectories:]
+
+
+@torch.no_grad()
+def evaluate(model: Corrector | None, solver, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts from each test trajectory's first frame; returns (MAE per trajectory [N], rollout frames)."""
+    stacked = None if model is None else stacked_parameters(model)
+    frames = rollout_batched(solver, stacked, test[:, 0], test.shape[1] - 1)[0].transpose(0, 1)
+    return (frames - test[:, 1:]).abs().mean(dim=(1, 2, 3, 4)), frames
+
+
+def _parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in LABELS]
+    if unknown or not methods:
+        raise ValueError(f"--methods must be a comma list among {list(LABELS)}, got {text!r}")
+    return methods
+
+
+def plot_fields(test: torch.Tensor, rollouts: dict[str, torch.Tensor], out_path: Path, index: int = 0) -> Path:
+    """Speed |v| of one test trajectory at three times: the reference, then each method; errors in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_frames = test.shape[1] - 1
+    times = sorted({max(1, n_frames // 3), max(1, 2 * n_frames // 3), n_frames})
+    rows = [("reference", test[index, 1:])] + [(LABELS[m], r[index]) for m, r in rollouts.items()]
+    figure, axes = plt.subplots(len(rows), len(times), figsize=(2.6 * len(times), 2.4 * len(rows)), squeeze=False)
+    vmax = test[index].norm(dim=1).max().item()
+    for r, (label, frames) in enumerate(rows):
+        for c, t in enumerate(times):
+            axis = axes[r][c]
+            axis.imshow(frames[t - 1].norm(dim=0).numpy(), origin="lower", vmin=0, vmax=vmax, cmap="viridis")
+            error = (frames[t - 1] - test[index, t]).abs().mean().item()
+            axis.set_title(f"{label} t={t}" + ("" if label == "reference" else f" MAE {error:.3f}"), fontsize=8)
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=110)
+    plt.close(figure)
+    return out_path
+
+
+def _train_method(method: str, args: argparse.Namespace, config: BurgersConfig, train: torch.Tensor, solver,
+                  out: Path) -> Corrector:
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
+                             mu=args.mu, density=args.density, max_queries=args.max_queries, engine=args.engine)
+    torch.manual_seed(args.seed)
+    model = Corrector(hidden=args.hidden)
+    log = CsvLog(out / f"train_{method}.csv", ["step", "loss", "seconds"])
+    started = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        log.append(step=step, loss=loss, seconds=round(time.perf_counter() - started, 3))
+
+    def twin(state: torch.Tensor) -> torch.Tensor:
+        return burgers_step_torch(state, config.dt, config.viscosity)
+
+    # Same data order for every method: the generator is reseeded per method.
+    train_corrector(method, model, train, solver, twin, settings, torch.Generator().manual_seed(args.seed + 1),
+                    on_step)
+    save_checkpoint_atomic(out / f"corrector_{method}.pt", {"model": model.state_dict(), "args": vars(args)})
+    print(f"  trained {LABELS[method]:7s} in {time.perf_counter() - started:6.1f} s "
+          f"(last loss {log.read()[-1]['loss']})", flush=True)
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = _parse_methods(args.methods)
+    config = BurgersConfig(coarse=args.coarse, refine=args.refine, substeps=args.refine, dt=args.dt,
+                           viscosity=args.viscosity)
+    out = Path(args.out)
+    started = time.perf_counter()
+    train, test = _make_data(args, config)
+    print(f"reference data: {len(train)} train / {len(test)} test trajectories x {args.frames} steps "
+          f"({config.fine}^2 -> {config.coarse}^2) in {time.perf_counter() - started:.1f} s", flush=True)
+    solver = PhiFlowBurgers(config.coarse, config.dt, config.viscosity)
+    results, rollouts = {}, {}
+    for method in methods:
+        model = None if method == "src" else _train_method(method, args, config, train, solver, out)
+        results[method], rollouts[method] = evaluate(model, solver, test)
+    print(f"\nMAE vs downsampled fine reference, {len(test)} held-out initial conditions x {args.frames} steps")
+    print("| method | MAE (mean ± std) |\n|---|---|")
+    for method in methods:
+        mae = results[method]
+        print(f"| {LABELS[method]} | {mae.mean().item():.4f} ± {mae.std().item():.4f} |")
+    png = plot_fields(test, rollouts, out / "pde_fields.png")
+    curves = {LABELS[m]: out / f"train_{m}.csv" for m in methods if m in METHODS}
+    if curves:
+        plot_curves(curves, "step", ["loss"], out / "pde_training.png", title="training loss")
+    print(f"\nfields: {png}; total {time.perf_counter() - started:.1f} s")
+    return 0
