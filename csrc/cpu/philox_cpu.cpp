@@ -15,6 +15,9 @@ namespace {
 // Work is split into chunks that never straddle a tensor; each element's value depends only on
 // (seed, stream, offset + i), so the chunk size and thread count cannot change results.
 constexpr int64_t kChunk = 1 << 14;
+// Below this many elements a sweep runs on the calling thread: waking the OpenMP team costs more than the work,
+// and on a busy machine it can wait a whole scheduler slice (~10 ms).
+constexpr int64_t kParallelMin = 1 << 16;
 
 struct Chunk {
   int tensor;
@@ -287,7 +290,7 @@ void philox_normal_scalar_cpu(float* out, int64_t n, uint64_t seed, uint64_t str
 void philox_normal_cpu(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
   const StreamTerm unit{stream, 1.0f};
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t c = 0; c < n_chunks; ++c)
     for_each_combined_normal(seed, &unit, 1, offset, c * kChunk, std::min(n, (c + 1) * kChunk),
                              [out](int64_t i, float z) { out[i] = z; });
@@ -318,7 +321,9 @@ void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed
   const std::vector<Chunk> chunks = make_chunks(numels);
   const StreamTerm* term_ptr = terms.data();
   const int n_terms = static_cast<int>(terms.size());
-#pragma omp parallel for schedule(dynamic, 1)
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+#pragma omp parallel for schedule(dynamic, 1) if (total >= kParallelMin)
   for (int64_t ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci) {
     const Chunk& c = chunks[static_cast<size_t>(ci)];
     const TensorView& t = tensors[static_cast<size_t>(c.tensor)];

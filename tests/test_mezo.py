@@ -1,0 +1,198 @@
+"""mezo_step and ZOSVRG: fused sweeps vs the per-tensor reference, SPSA/SVRG statistics on quadratics, side-effect
+freedom on failure, bad input."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zokernels
+from zokernels import NonFiniteLossError, ZOSVRG, mezo_step, philox
+from zokernels.reference.mezo_ref import mezo_step_ref
+
+
+def cpu_sampler(n, seed, stream, offset):
+    return philox.philox_normal(n, seed, stream, offset)
+
+
+def small_mlp(dtype=torch.float32):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(dtype)
+
+
+def data(dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(24, 6, generator=g).to(dtype), torch.randint(0, 3, (24,), generator=g)
+
+
+@pytest.mark.parametrize("mode", ["exact", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q", [1, 3])
+def test_fused_step_equals_per_tensor_reference_bitwise(mode, dtype, q):
+    model, (x, y) = small_mlp(dtype), data(dtype)
+    twin = copy.deepcopy(model)
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])  # noqa: E731
+    result = mezo_step(model, (x, y), loss_fn, mu=1e-2, lr=0.05, seed=123, q=q, mode=mode)
+    params = list(twin.parameters())
+    grads = mezo_step_ref(twin, params, lambda: loss_fn(twin, (x, y)).item(), 1e-2, 0.05, 123, q,
+                          cpu_sampler, mode)
+    assert result.projected_grads == grads
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), small_mlp(dtype).parameters()))
+
+
+def quadratic_model(d=6):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    hessian = a @ a.T / d + torch.eye(d, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
+    return model, hessian, b
+
+
+def test_spsa_converges_in_expectation_to_gradient():
+    model, hessian, b = quadratic_model()
+    loss = lambda m, _: 0.5 * m.theta @ hessian @ m.theta - b @ m.theta  # noqa: E731
+    theta0 = model.theta.detach().clone()
+    gradient = hessian @ theta0 - b
+    n = 1500
+    samples = torch.empty(n, theta0.numel(), dtype=torch.float64)
+    for i in range(n):
+        mezo_step(model, None, loss, mu=1e-3, lr=1.0, seed=i)
+        samples[i] = theta0 - model.theta.detach()  # lr = 1: the step is minus the estimate
+        model.theta.data.copy_(theta0)
+    mean, stderr = samples.mean(0), samples.std(0) / n ** 0.5
+    assert torch.all((mean - gradient).abs() <= 5 * stderr)
+    assert (mean - gradient).norm() / gradient.norm() < 0.25
+
+
+def finite_sum_problem(d=6, n_data=16):
+    """f(θ) = mean_i ½‖θ − c_i‖², with widely spread c_i: minibatch noise dominates MeZO's variance."""
+    g = torch.Generator().manual_seed(4)
+    centers = 5.0 * torch.randn(n_data, d, generator=g, dtype=torch.float64)
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    loss = lambda m, idx: 0.5 * ((m.theta - centers[idx]) ** 2).sum(1).mean()  # noqa: E731
+    return model, centers, loss
+
+
+def test_svrg_estimate_unbiased_with_lower_variance_than_mezo():
+    model, centers, loss = finite_sum_problem()
+    d, n_data = centers.shape[1], centers.shape[0]
+    anchor_point = torch.full((d,), 0.3, dtype=torch.float64)
+    theta = anchor_point + 0.05 * torch.arange(d, dtype=torch.float64)
+    gradient = theta - centers.mean(0)
+    full = [torch.arange(n_data)]
+    rng = np.random.default_rng(0)
+    n = 600
+    svrg, mezo = torch.empty(n, d, dtype=torch.float64), torch.empty(n, d, dtype=torch.float64)
+    for i in range(n):
+        minibatch = torch.from_numpy(rng.choice(n_data, 2, replace=False))
+        model.theta.data.copy_(anchor_point)
+        opt = ZOSVRG(model, full, loss, q=10**6, lr_anchor=0.0, lr=1.0, mu=1e-3, seed=i)
+        opt.step(None)  # anchor at θ̄ = anchor_point, no move (η1 = 0)
+        model.theta.data.copy_(theta)
+        opt.step(minibatch)
+        svrg[i] = theta - model.theta.detach()
+        model.theta.data.copy_(theta)
+        mezo_step(model, minibatch, loss, mu=1e-3, lr=1.0, seed=10**6 + i)
+        mezo[i] = theta - model.theta.detach()
+    for samples in (svrg, mezo):
+        stderr = samples.std(0) / n ** 0.5
+        assert torch.all((samples.mean(0) - gradient).abs() <= 5 * stderr)
+    assert svrg.var(0).sum() < 0.5 * mezo.var(0).sum()
+
+
+def test_svrg_anchor_is_a_stored_copy_and_updates_follow_algorithm_1():
+    model, centers, loss = finite_sum_problem()
+    opt = ZOSVRG(model, [torch.arange(16)], loss, q=3, lr_anchor=0.1, lr=0.01, mu=1e-3, seed=7)
+    start = model.theta.detach().clone()
+    results = [opt.step(torch.tensor([i, i + 1])) for i in range(7)]
+    assert [r.anchor for r in results] == [True, False, False, True, False, False, True]
+    # anchor stored at step 6 = θ_6, and differs from the current θ_7 after the anchor update
+    assert not torch.equal(opt.anchor[0], model.theta.detach())
+    assert not torch.equal(start, model.theta.detach())
+    assert loss(model, torch.arange(16)) < 0.5 * ((start - centers) ** 2).sum(1).mean()
+
+
+class Exploding(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2).to(dtype)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+@pytest.mark.parametrize("call", [1, 2, 3])
+def test_failing_loss_leaves_parameters_bit_identical_in_exact_mode(failure, call):
+    model = Exploding(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss(m, x):
+        out = m(x).float().sum()
+        if m.calls == call:
+            if failure == "raise":
+                raise RuntimeError("solver crashed")
+            return out * float("nan")
+        return out
+
+    with pytest.raises(NonFiniteLossError if failure == "nan" else RuntimeError):
+        mezo_step(model, torch.randn(3, 4, dtype=torch.bfloat16), loss, q=2, lr=0.1, mode="exact")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.data_ptr() != 0 for p in model.parameters())
+
+
+def test_svrg_failure_restores_theta_and_anchor():
+    model, centers, loss = finite_sum_problem()
+    poisoned = {"on": False}
+
+    def maybe_nan(m, idx):
+        value = loss(m, idx)
+        return value * float("nan") if poisoned["on"] and idx is not None and len(idx) == 2 else value
+
+    opt = ZOSVRG(model, [torch.arange(16)], maybe_nan, q=5, lr_anchor=0.1, lr=0.01, seed=1)
+    opt.step(None)
+    theta, anchor = model.theta.detach().clone(), opt.anchor[0].clone()
+    poisoned["on"] = True
+    with pytest.raises(NonFiniteLossError):
+        opt.step(torch.tensor([0, 1]))
+    assert torch.equal(theta, model.theta.detach()) and torch.equal(anchor, opt.anchor[0])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"mu": 0.0}, ValueError, "mu"), ({"lr": -1.0}, ValueError, "lr"), ({"q": 0}, ValueError, "q"),
+    ({"q": 1.5}, TypeError, "q"), ({"mode": "fast"}, ValueError, "mode"), ({"seed": -3}, ValueError, "seed"),
+    ({"param_filter": "heads"}, ValueError, "param_filter"), ({"param_filter": 3}, TypeError, "param_filter"),
+    ({"param_filter": lambda n, p: False}, ValueError, "param_filter"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mezo_step(small_mlp(), data(), **kwargs)
+
+
+def test_bad_svrg_arguments_are_named():
+    with pytest.raises(TypeError, match="anchor_batches"):
+        ZOSVRG(small_mlp(), data())
+    with pytest.raises(ValueError, match="anchor_batches"):
+        ZOSVRG(small_mlp(), [])
+    with pytest.raises(ValueError, match="lr_anchor"):
+        ZOSVRG(small_mlp(), [data()], lr_anchor=float("nan"))
+    with pytest.raises(TypeError, match="model"):
+        mezo_step("not a model", data())
+
+
+def test_param_filter_presets_select_only_those_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mezo_step(model, (x, y), lr=0.5, mu=1e-2, param_filter="bias_norm", seed=3)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"0.bias", "1.weight", "1.bias", "2.bias"}
+    assert zokernels.mezo_step is mezo_step
