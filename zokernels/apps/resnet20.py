@@ -1,0 +1,251 @@
+"""`zokernels train resnet20`: DeepZero's Algorithm 1 (ZO-GraSP-oriented, LPR-guided sparse ZO training).
+
+    LPR from ZO-GraSP at init (cached to a JSON file)
+    for epoch t: if t % mask_interval == 0: draw random per-layer coordinate sets with the LPR sizes
+      for each minibatch: Sparse-CGE on the set + every BN/bias coordinate (zokernels.cge_step); SGD step
+
+SGD with momentum, weight decay (optionally only on estimated coordinates), warm-up + cosine lr per step.
+`--fo` runs the same loop with autograd gradients restricted to the same masks (FO sparse-gradient baseline;
+with `--ratios dense`, plain FO). Without `--data` it trains on scikit-learn's bundled digits (upscaled to 32x32
+for ResNets), so it runs offline. Checkpoints are written atomically after every epoch and when stopping at
+--max-steps; `--resume` continues bit-identically (data order, masks, augmentation and query RNG included).
+Launched by torchrun with several processes, CGE coordinates are sharded across them (zokernels.distributed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import api
+from ..data import augment_crop_flip, cifar_black_fill, iterate_minibatches
+from ..models import RESNET_DEPTHS
+from . import resnet20_setup as setup
+from .common import (CsvLog, accuracy, load_checkpoint, plot_curves, restore_rng_state, rng_state,
+                     save_checkpoint_atomic)
+
+STEP_FIELDS = ["step", "epoch", "loss", "lr", "coordinates", "seconds"]
+EPOCH_FIELDS = ["step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "steps_per_s"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", default="resnet20", choices=[f"resnet{d}" for d in RESNET_DEPTHS] + ["small_cnn"])
+    add("--depth", type=int, default=2, help="small_cnn depth 1..5 (730 ... 12,610 parameters)")
+    add("--data", default=None, help="CIFAR-10 python-batch folder; default: embedded scikit-learn digits")
+    add("--image-size", type=int, default=None, help="digits upscaling (default 32 for ResNets, 8 for small_cnn)")
+    add("--train-limit", type=int, default=None, help="use only the first n training examples")
+    add("--test-limit", type=int, default=None, help="use only the first n test examples")
+    add("--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="random crop (4-pad) + flip; default on for CIFAR-10, off for digits")
+    add("--epochs", type=int, default=50)
+    add("--batch-size", type=int, default=256)
+    add("--lr", type=float, default=0.1)
+    add("--momentum", type=float, default=0.9)
+    add("--weight-decay", type=float, default=5e-4)
+    add("--decay-unmasked", action=argparse.BooleanOptionalAction, default=True,
+        help="apply weight decay to coordinates outside the current mask too (torch SGD's behaviour)")
+    add("--warmup-epochs", type=float, default=3.0)
+    add("--mu", type=float, default=5e-3, help="CGE and ZO-GraSP smoothing parameter")
+    add("--sparsity", type=float, default=0.9, help="fraction of Conv/Linear weight coordinates not estimated")
+    add("--ratios", default="zo_grasp", choices=setup.RATIO_SOURCES, help="where the layer-wise ratios come from")
+    add("--ratios-file", default=None, help="LPR cache (default: <out>/lpr_<model>_<data>_<source>_...json)")
+    add("--grasp-q", type=int, default=192, help="RGE directions per ZO-GraSP estimate")
+    add("--grasp-dist", default="gaussian", choices=["gaussian", "per_tensor_unit"])
+    add("--grasp-per-class", type=int, default=25, help="probe batch examples per class")
+    add("--mask-interval", type=int, default=5, help="redraw the coordinate masks every this many epochs")
+    add("--fo", action="store_true", help="first-order gradients (autograd) on the same loop and masks")
+    add("--seed", type=int, default=0)
+    add("--out", default="runs/resnet20", help="folder for checkpoint, CSV logs, LPR cache and plots")
+    add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    add("--plot", action="store_true", help="write <out>/curves.png from the CSV logs")
+    add("--threads", type=int, default=None, help="torch.set_num_threads")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "mask_interval", "grasp_q"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+
+
+class Trainer:
+    """The loop's state; everything in `state_dict` is what a bit-identical resume needs."""
+
+    def __init__(self, args: argparse.Namespace, log=print):
+        self.args, self.log = args, log
+        self.data, self.data_name = setup.load_data(args)
+        self.augment = args.augment if args.augment is not None else self.data_name == "cifar10"
+        self.model = setup.make_model(args, self.data.num_classes)
+        self.ratios = setup.layer_ratios(args, self.model, self.data, self.data_name, log)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        self.steps_per_epoch = len(self.data.train_y) // args.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(self.data.train_y)} training examples")
+        total = self.steps_per_epoch * args.epochs
+        warmup = round(args.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, setup.warmup_cosine(total, warmup))
+        self.generators = {name: torch.Generator().manual_seed(args.seed * 1000 + i)
+                           for i, name in enumerate(("data", "mask", "augment"))}
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.epoch_data_state = self.generators["data"].get_state()
+        self.masks = None
+        self.epoch_losses: list[float] = []
+        self.sharder = None
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "masks": self.masks, "epoch_data_state": self.epoch_data_state,
+                "epoch_losses": self.epoch_losses, "rng": rng_state(self.generators), "ratios": self.ratios,
+                "config": {"model": self.args.model, "depth": self.args.depth, "data": self.data_name,
+                           "fo": self.args.fo, "ratios": self.args.ratios}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"]["model"] != self.args.model or state["config"]["data"] != self.data_name:
+            raise ValueError(f"--resume: checkpoint is for {state['config']}, not model={self.args.model} "
+                             f"data={self.data_name}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("epoch", "step_in_epoch", "global_step", "masks", "epoch_data_state", "epoch_losses", "ratios"):
+            setattr(self, key, state[key])
+        restore_rng_state(state["rng"], self.generators)
+
+    def _gradient(self, batch) -> float:
+        """Writes the (masked) gradient estimate into .grad and returns the minibatch loss."""
+        self.model.train()
+        if not self.args.fo:
+            if self.sharder is not None:
+                return self.sharder.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
+            return api.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(self.model(batch[0]), batch[1])
+        loss.backward()
+        if self.masks is not None:
+            for name, p in self.model.named_parameters():
+                p.grad.mul_(self.masks[name]) if name in self.masks else p.grad.zero_()
+        return loss.item()
+
+    def train_step(self, batch) -> float:
+        if self.augment:
+            batch = (augment_crop_flip(batch[0], self.generators["augment"], fill=cifar_black_fill()), batch[1])
+        loss = self._gradient(batch)
+        setup.add_weight_decay(self.model, self.args.weight_decay, self.masks, self.args.decay_unmasked)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss
+
+    def epoch_batches(self) -> list:
+        """This epoch's minibatches; on a mid-epoch resume the data generator is rewound to the epoch start so
+        the order is the same as in the interrupted run."""
+        data_gen = self.generators["data"]
+        if self.step_in_epoch == 0:
+            self.epoch_data_state = data_gen.get_state()
+            if self.masks is None or self.epoch % self.args.mask_interval == 0:
+                self.masks = setup.draw_masks(self.model, self.ratios, self.generators["mask"])
+        else:
+            data_gen.set_state(self.epoch_data_state)
+        return list(iterate_minibatches(self.data.train_x, self.data.train_y, self.args.batch_size, data_gen))
+
+
+@torch.no_grad()
+def _test_loss(model, x, y, batch_size: int = 512) -> float:
+    was_training = model.training
+    model.eval()
+    total = sum(F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum").item()
+                for i in range(0, len(y), batch_size))
+    model.train(was_training)
+    return total / max(1, len(y))
+
+
+def _end_epoch(trainer: Trainer, epoch_log: CsvLog, seconds: float, steps: int) -> dict:
+    data, model = trainer.data, trainer.model
+    subset = slice(0, 2000)  # train accuracy on a fixed subset: a full pass would cost as much as ZO steps
+    row = {"step": trainer.global_step, "epoch": trainer.epoch + 1,
+           "train_loss": sum(trainer.epoch_losses) / max(1, len(trainer.epoch_losses)),
+           "train_acc": accuracy(model, data.train_x[subset], data.train_y[subset]),
+           "test_loss": _test_loss(model, data.test_x, data.test_y),
+           "test_acc": accuracy(model, data.test_x, data.test_y),
+           "seconds": round(seconds, 3), "steps_per_s": round(steps / max(seconds, 1e-9), 4)}
+    epoch_log.append(**row)
+    return row
+
+
+def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_log: CsvLog, is_main: bool) -> None:
+    max_steps = args.max_steps or trainer.steps_per_epoch * args.epochs
+    total = min(max_steps, trainer.steps_per_epoch * args.epochs)
+    bar = tqdm(total=total, initial=trainer.global_step, disable=args.quiet or not is_main, unit="step",
+               desc=f"{'FO' if args.fo else 'ZO'} {args.model}", file=sys.stderr)
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    while trainer.epoch < args.epochs and trainer.global_step < max_steps:
+        batches = trainer.epoch_batches()
+        start, done = time.perf_counter(), 0
+        for batch in batches[trainer.step_in_epoch:]:
+            step_start = time.perf_counter()
+            loss = trainer.train_step(batch)
+            trainer.global_step += 1
+            trainer.step_in_epoch += 1
+            done += 1
+            trainer.epoch_losses.append(loss)
+            coordinates = sum(int(m.sum()) for m in trainer.masks.values()) if trainer.masks else "all"
+            if is_main:
+                step_log.append(step=trainer.global_step, epoch=trainer.epoch + 1, loss=loss,
+                                lr=trainer.scheduler.get_last_lr()[0], coordinates=coordinates,
+                                seconds=round(time.perf_counter() - step_start, 4))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=trainer.epoch + 1)
+            if trainer.global_step >= max_steps:
+                break
+        if trainer.step_in_epoch == len(batches):
+            row = _end_epoch(trainer, epoch_log, time.perf_counter() - start, done) if is_main else {}
+            bar.set_postfix(loss=f"{row.get('train_loss', 0):.4f}", test_acc=f"{row.get('test_acc', 0):.4f}")
+            trainer.epoch, trainer.step_in_epoch, trainer.epoch_losses = trainer.epoch + 1, 0, []
+        if is_main:
+            save_checkpoint_atomic(checkpoint, trainer.state_dict())
+    bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the queries' forward seeds come from torch's global generator
+    from .. import distributed
+
+    sharder = distributed.CoordinateSharder.from_environment() if not args.fo else None
+    is_main = sharder is None or sharder.rank == 0
+    log = print if is_main else (lambda *_: None)
+    trainer = Trainer(args, log)
+    trainer.sharder = sharder
+    out = Path(args.out)
+    if args.resume:
+        trainer.load_state_dict(load_checkpoint(out / "checkpoint.pt"))
+        log(f"resumed at step {trainer.global_step} (epoch {trainer.epoch + 1}, step {trainer.step_in_epoch})")
+    resume_step = trainer.global_step if args.resume else None
+    step_log = CsvLog(out / "steps.csv", STEP_FIELDS, resume_step) if is_main else None
+    epoch_log = CsvLog(out / "epochs.csv", EPOCH_FIELDS, resume_step) if is_main else None
+    start, first_step = time.perf_counter(), trainer.global_step
+    _train(trainer, args, step_log, epoch_log, is_main)
+    seconds = time.perf_counter() - start
+    steps = trainer.global_step - first_step
+    if is_main:
+        rows = epoch_log.read()
+        last = rows[-1] if rows else {}
+        log(f"done: {steps} steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.3f} steps/s); "
+            f"last epoch test_acc={last.get('test_acc', 'n/a')} train_loss={last.get('train_loss', 'n/a')}")
+        if args.plot:
+            log(f"plot: {plot_curves({'train': out / 'epochs.csv'}, 'epoch', ['train_loss', 'test_loss', 'test_acc'], out / 'curves.png', title=args.model)}")
+    if sharder is not None:
+        sharder.close()
+    return 0
