@@ -36,9 +36,13 @@ class Corrector(nn.Module):
         return corrector_forward_batched(stacked, state.unsqueeze(0)).squeeze(0)
 
 
-def corrector_forward_batched(stacked: Sequence[torch.Tensor], states: torch.Tensor) -> torch.Tensor:
-    """Q corrector parameter sets applied to Q state batches: stacked = [w0, b0, w1, b1, ...] each with a leading
-    Q axis (in `Corrector.parameters()` order); states [Q, B, 2, H, W] -> corrections [Q, B, 2, H, W]."""
+def corrector_forward_batched(stacked: Sequence[torch.Tensor], states: torch.Tensor,
+                              padding: str = "circular") -> torch.Tensor:
+    """Q parameter sets of a 3x3 conv-ReLU stack applied to Q input batches: stacked = [w0, b0, w1, b1, ...] each
+    with a leading Q axis (in `Corrector.parameters()` order); states [Q, B, C, H, W] -> [Q, B, C_out, H, W].
+    padding: 'circular' (periodic PDE fields) or 'zeros' (images)."""
+    if padding not in ("circular", "zeros"):
+        raise ValueError(f"padding must be 'circular' or 'zeros', got {padding!r}")
     if len(stacked) % 2:
         raise ValueError(f"stacked must alternate weight, bias tensors; got {len(stacked)} tensors")
     if states.dim() != 5:
@@ -51,7 +55,7 @@ def corrector_forward_batched(stacked: Sequence[torch.Tensor], states: torch.Ten
         weight, bias = stacked[2 * layer], stacked[2 * layer + 1]
         if weight.shape[0] != queries:
             raise ValueError(f"stacked parameters must all have leading size Q={queries}, got {weight.shape[0]}")
-        hidden = F.pad(hidden, (1, 1, 1, 1), mode="circular")
+        hidden = F.pad(hidden, (1, 1, 1, 1), mode="circular" if padding == "circular" else "constant")
         hidden = F.conv2d(hidden, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), groups=queries)
         if layer < n_layers - 1:
             hidden = F.relu(hidden)

@@ -1,0 +1,131 @@
+"""PDE error correction: the black-box solver, its torch twin, the corrector loop, batched Sparse-CGE, the CLI."""
+import pytest
+import torch
+
+from zokernels.apps.pde_model import Corrector, corrector_forward_batched, rollout_batched, stacked_parameters
+from zokernels.apps.pde_solver import (BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states,
+                                       reference_trajectories)
+from zokernels.apps.pde_train import batched_sparse_cge, random_coordinate_mask, rollout_loss_batched, sample_windows
+
+pytest.importorskip("phi")
+
+CONFIG = BurgersConfig(coarse=8, refine=2, substeps=2)
+
+
+@pytest.fixture(scope="module")
+def references():
+    initial = random_initial_states(3, CONFIG.fine, torch.Generator().manual_seed(0), amplitude=2.0)
+    return reference_trajectories(CONFIG, initial, 5)
+
+
+def _solver():
+    return PhiFlowBurgers(CONFIG.coarse, CONFIG.dt, CONFIG.viscosity)
+
+
+def _twin(state):
+    return burgers_step_torch(state, CONFIG.dt, CONFIG.viscosity)
+
+
+def test_black_box_solver_gives_no_gradient(references):
+    state = references[:, 2].clone().requires_grad_(True)
+    out = _solver()(state)
+    assert not out.requires_grad and out.grad_fn is None
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(out.sum(), state)
+    with pytest.raises(RuntimeError):
+        out.sum().backward()
+
+
+def test_torch_twin_matches_phiflow_step(references):
+    state = references[:, 1]
+    expected = _solver()(state)
+    got = _twin(state)
+    assert torch.allclose(got, expected, atol=2e-5), (got - expected).abs().max()
+    assert (got - state).abs().max() > 1e-2  # the step does something
+
+
+def test_solver_rejects_bad_states():
+    with pytest.raises(ValueError, match="state"):
+        _solver()(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="grid"):
+        _solver()(torch.zeros(2, 2, 16, 16))
+    with pytest.raises(ValueError, match="coarse"):
+        BurgersConfig(coarse=0)
+
+
+def test_untrained_corrector_is_the_source_solver(references):
+    model = Corrector(hidden=4)
+    corrected = rollout_batched(_solver(), stacked_parameters(model), references[:, 0], 3)
+    plain = rollout_batched(_solver(), None, references[:, 0], 3)
+    assert torch.equal(corrected, plain)
+
+
+def test_batched_forward_matches_each_model_alone(references):
+    models = [Corrector(hidden=4) for _ in range(3)]
+    for m in models:
+        torch.nn.init.normal_(m.convs[-1].weight, std=0.1)
+    stacked = [torch.stack(ps) for ps in zip(*(m.parameters() for m in models))]
+    states = references[:, 1:4].transpose(0, 1)  # Q=3 different batches
+    batched = corrector_forward_batched(stacked, states)
+    for q, m in enumerate(models):
+        assert torch.allclose(batched[q], m(states[q]), atol=1e-6)
+
+
+def test_corrector_loop_sends_each_step_through_the_solver_once(references):
+    solver = _solver()
+    stacked = stacked_parameters(Corrector(hidden=4), queries=5)
+    frames = rollout_batched(solver, stacked, references[:, 0], 4)
+    assert frames.shape == (5, 4, 3, 2, CONFIG.coarse, CONFIG.coarse)
+    assert solver.calls == 4  # 5 parameter sets x 3 states travel as one batch per step
+
+
+def _perturbed_model(hidden=2):
+    model = Corrector(hidden=hidden)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_batched_sparse_cge_equals_cge_step_through_black_box(references):
+    from zokernels import cge_step
+
+    model = _perturbed_model()
+    start, targets = sample_windows(references, 3, 2, torch.Generator().manual_seed(1))
+    mask = random_coordinate_mask(model, 0.2, torch.Generator().manual_seed(2))
+    solver = _solver()
+    batched_sparse_cge(model, lambda s: rollout_loss_batched(solver, s, start, targets), 5e-3, mask, 16)
+    batched = [p.grad.clone() for p in model.parameters()]
+
+    def loss_fn(m, batch):
+        return rollout_loss_batched(solver, [p.unsqueeze(0) for p in m.parameters()], *batch)[0]
+
+    cge_step(model, (start, targets), loss_fn=loss_fn, mu=5e-3, mask=mask)
+    for b, p in zip(batched, model.parameters()):
+        assert torch.allclose(b, p.grad, rtol=1e-3, atol=1e-5)
+        assert torch.equal(b != 0, p.grad != 0)
+    assert any(b.abs().sum() > 0 for b in batched)
+
+
+def test_zo_estimate_matches_autograd_through_the_twin(references):
+    model = _perturbed_model(hidden=3)
+    start, targets = sample_windows(references, 3, 3, torch.Generator().manual_seed(3))
+    loss = rollout_loss_batched(_twin, [p.unsqueeze(0) for p in model.parameters()], start, targets)[0]
+    exact = torch.autograd.grad(loss, list(model.parameters()))
+    batched_sparse_cge(model, lambda s: rollout_loss_batched(_solver(), s, start, targets), 1e-3, None, 512)
+    zo = torch.cat([p.grad.flatten() for p in model.parameters()])
+    fo = torch.cat([g.flatten() for g in exact])
+    assert torch.nn.functional.cosine_similarity(zo, fo, dim=0) > 0.99
+
+
+def test_cli_smoke(tmp_path, capsys):
+    from zokernels.cli import main
+
+    code = main(["train", "pde", "--coarse", "8", "--train-trajectories", "3", "--test-trajectories", "2",
+                 "--frames", "4", "--steps", "2", "--unroll", "2", "--batch-size", "2", "--hidden", "2",
+                 "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for label in ("| SRC |", "| NON |", "| ZO-SOL |", "| FO-SOL |"):
+        assert label in printed
+    assert (tmp_path / "pde_fields.png").stat().st_size > 0
+    assert (tmp_path / "corrector_zo-sol.pt").exists()
