@@ -112,19 +112,36 @@ def strict_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _rng_states(device: torch.device) -> tuple:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _set_rng_states(states: tuple, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
 class QueryGuard:
     """Snapshots parameters and buffers; on exit (normal or not) writes them back bit-exactly, so queries never
-    leave parameters perturbed nor BN running statistics moved. Also fixes the RNG for every forward, so that
-    stochastic layers (dropout) draw the same numbers in every query of a step (common random numbers)."""
+    leave parameters perturbed nor BN running statistics moved.
+
+    Randomness: every forward of a step (base and queries) starts from the same RNG state, so stochastic layers
+    such as dropout draw the same numbers in every query (common random numbers); afterwards the RNG is where
+    one plain forward would have left it."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
         self.model = model
         self.params = params
-        self.forward_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.device = params[0].device if params else torch.device("cpu")
 
     def __enter__(self) -> "QueryGuard":
         self._param_backup = [p.detach().clone() for p in self.params]
         self._buffer_backup = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._committed_buffers: list | None = None
+        self._rng_at_start = _rng_states(self.device)
+        self._rng_after_base: tuple | None = None
         self._fp32 = strict_fp32()
         self._fp32.__enter__()
         return self
@@ -135,24 +152,27 @@ class QueryGuard:
                 p.copy_(saved)
 
     def keep_current_buffers(self) -> None:
-        """Makes the buffers' current values (e.g. after the base forward) the ones restored on exit."""
-        for b, saved in self._buffer_backup:
-            saved.copy_(b)
+        """Makes the buffers' current values (e.g. after the base forward) the ones restored on a normal exit;
+        a failed step still restores the values from before the step, so it changes nothing."""
+        self._committed_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
 
-    def restore_buffers(self) -> None:
+    def restore_buffers(self, backup: list | None = None) -> None:
         with torch.no_grad():
-            for b, saved in self._buffer_backup:
+            for b, saved in backup or self._committed_buffers or self._buffer_backup:
                 b.copy_(saved)
 
     @contextlib.contextmanager
     def same_randomness(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.forward_seed)
-            yield
+        _set_rng_states(self._rng_at_start, self.device)
+        yield
+        if self._rng_after_base is None:
+            self._rng_after_base = _rng_states(self.device)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
         try:
             self.restore_parameters()
-            self.restore_buffers()
+            self.restore_buffers(self._buffer_backup if exc_type is not None else None)
+            final_rng = self._rng_after_base if exc_type is None and self._rng_after_base else self._rng_at_start
+            _set_rng_states(final_rng, self.device)
         finally:
             self._fp32.__exit__(None, None, None)

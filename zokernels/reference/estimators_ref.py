@@ -40,13 +40,13 @@ def cge_ref(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, m
             estimates[name] = grad.view_as(p)
             continue
         for i in _coordinate_indices(p, None if mask is None else mask[name]):
-            original = flat[i].clone()
+            original = flat[i].item()  # a Python float: realized steps below are exact float64 differences
             flat[i] = original + mu
-            step_up = (flat[i] - original).item()
+            step_up = flat[i].item() - original
             loss_up = _loss(loss_fn, model, batch)
             if scheme == "central":
                 flat[i] = original - mu
-                step_down = (original - flat[i]).item()
+                step_down = original - flat[i].item()
                 loss_down = _loss(loss_fn, model, batch)
                 grad[i] = (loss_up - loss_down) / (step_up + step_down)
             else:

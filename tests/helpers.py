@@ -1,0 +1,36 @@
+"""Small models and data shared by the tests."""
+import torch
+from torch import nn
+
+
+def tiny_mlp(dtype=torch.float64, inputs=4, hidden=5, classes=3):
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(dtype)
+
+
+def tiny_cnn_bn(dtype=torch.float64, channels=3):
+    """Conv -> BatchNorm (train mode) -> ReLU -> pool -> Linear: every layer kind whose CGE must be exact."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(4 * channels, 3)).to(dtype)
+
+
+def classification_batch(dtype=torch.float64, n=16, shape=(4,), classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+def autograd_gradient(model, batch, loss_fn):
+    model.zero_grad()
+    loss_fn(model, batch).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, saved):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), f"{k} changed"

@@ -1,0 +1,108 @@
+"""The _C Philox generator vs its numpy reference twin, and independence from chunking and threads."""
+import numpy as np
+import pytest
+import torch
+
+from zokernels import backends, philox
+from zokernels.reference import philox4x32_10_ref, philox_normal_ref, philox_uint32_ref
+
+needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available,
+                                   reason="zokernels._C not built (pure-Python install)")
+
+
+def test_reference_matches_random123_known_answers():
+    # Known-answer vectors of Philox4x32-10 from the Random123 distribution (kat_vectors).
+    zero = philox4x32_10_ref(np.array([0], dtype=np.uint64), 0, 0)
+    assert [int(v[0]) for v in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    counter = np.array([0x85A308D3_243F6A88], dtype=np.uint64)
+    pi = philox4x32_10_ref(counter, 0x03707344_13198A2E, 0x299F31D0_A4093822)
+    assert [int(v[0]) for v in pi] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4097])
+def test_cpu_uint32_bitwise_equals_reference(offset):
+    seed, stream = 2**40 + 12345, 2**33 + 7
+    got = philox.philox_uint32(10_001, seed, stream, offset, backend="cpu")
+    np.testing.assert_array_equal(got, philox_uint32_ref(10_001, seed, stream, offset))
+
+
+@needs_cpu_ext
+def test_cpu_normals_match_reference_within_4_ulp():
+    got = philox.philox_normal(100_003, 99, 3, 5, backend="cpu").numpy()
+    want = philox_normal_ref(100_003, 99, 3, 5)
+    ulp = np.spacing(np.maximum(np.abs(want), np.float32(1e-3)).astype(np.float32))
+    assert np.all(np.abs(got - want) <= 4 * ulp)
+    assert np.mean(got == want) > 0.5  # most values are bit-identical; the rest differ by libm rounding
+
+
+@needs_cpu_ext
+def test_normals_independent_of_chunking_and_threads():
+    whole = philox.philox_normal(50_000, 7, 1, 0, backend="cpu")
+    for start, stop in [(0, 1), (1, 6), (3, 16_389), (16_383, 50_000)]:
+        part = philox.philox_normal(stop - start, 7, 1, start, backend="cpu")
+        assert torch.equal(part, whole[start:stop])
+    previous = backends._C.openmp_max_threads()
+    try:
+        backends._C.set_openmp_threads(1)
+        single = philox.philox_normal(50_000, 7, 1, 0, backend="cpu")
+        t1 = [torch.zeros(40_000), torch.zeros(10_000)]
+        philox.add_normal_combination_(t1, [0, 40_000], 7, [(1, 1.0)], backend="cpu")
+    finally:
+        backends._C.set_openmp_threads(previous)
+    assert torch.equal(single, whole)
+    assert torch.equal(torch.cat(t1), whole)
+
+
+@needs_cpu_ext
+def test_multi_tensor_sweep_matches_per_tensor_loop():
+    tensors = [torch.randn(5), torch.randn(3, 7), torch.randn(1), torch.randn(20_000)]
+    offsets = philox.stream_offsets(tensors)
+    terms = [(0, 0.5), (3, -1.25), (9, 2.0)]
+    expected = []
+    for t, o in zip(tensors, offsets):
+        combination = torch.zeros(t.numel())
+        for stream, coeff in terms:  # same fp32 order as the kernel: acc += coeff * z
+            combination += np.float32(coeff) * philox.philox_normal(t.numel(), 11, stream, o, backend="cpu")
+        expected.append(t + combination.view_as(t))
+    philox.add_normal_combination_(tensors, offsets, 11, terms, backend="cpu")
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_precision_sweep_rounds_like_torch(dtype):
+    x = (torch.randn(30_000) * 3).to(dtype)
+    z = philox.philox_normal(30_000, 5, 0, 0, backend="cpu")
+    expected = (x.double() + (np.float32(0.1) * z).double()) if dtype == torch.float64 else \
+        (x.float() + np.float32(0.1) * z).to(dtype)
+    philox.add_normal_combination_([x], [0], 5, [(0, 0.1)], backend="cpu")
+    assert torch.equal(x, expected.to(dtype))
+
+
+def test_torch_backend_sweep_matches_reference():
+    x = torch.zeros(1000)
+    philox.add_normal_combination_([x], [17], 3, [(2, 1.0)], backend="torch")
+    assert torch.equal(x, torch.from_numpy(philox_normal_ref(1000, 3, 2, 17)))
+
+
+def test_normal_moments():
+    z = philox.philox_normal(1_000_000, 2024).double()
+    assert abs(z.mean().item()) < 5e-3
+    assert abs(z.var().item() - 1.0) < 5e-3
+    assert abs(((z ** 4).mean() - 3.0).item()) < 0.05
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < 5e-3
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="seed"):
+        philox.philox_normal(4, -1)
+    with pytest.raises(TypeError, match="seed"):
+        philox.philox_normal(4, 1.5)
+    with pytest.raises(ValueError, match="contiguous"):
+        philox.add_normal_combination_([torch.zeros(4, 4).t()], [0], 1, [(0, 1.0)])
+    with pytest.raises(TypeError, match=r"tensors\[0\]"):
+        philox.add_normal_combination_([torch.zeros(4, dtype=torch.int32)], [0], 1, [(0, 1.0)])
+    with pytest.raises(ValueError, match="offsets"):
+        philox.add_normal_combination_([torch.zeros(4)], [], 1, [(0, 1.0)])
