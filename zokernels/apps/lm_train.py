@@ -1,0 +1,110 @@
+"""The training loop of `zokernels train lm` (arguments and data in lm.py)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..estimators.mezo import mezo_step
+from ..estimators.svrg import ZOSVRG
+from ..reference.mezo_ref import first_order_step
+from . import lm
+from .common import CsvLog, load_checkpoint, plot_curves, restore_rng_state, rng_state, save_checkpoint_atomic
+
+DEFAULT_LR = {"mezo": 1e-5, "svrg": 1e-5, "fo": 1e-4}
+FORWARDS_PER_STEP = {"mezo": 2, "fo": 3}  # FO: forward + backward ≈ 3 forwards
+
+
+def bias_norm_head(name: str, param: torch.nn.Parameter) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or name.startswith("classifier")
+
+
+def build(args: argparse.Namespace):
+    torch.manual_seed(args.seed)
+    model, tokenizer = lm.load_model(args.model_dir)
+    model.eval()  # MeZO queries are deterministic forwards (no dropout), as in the MeZO code
+    splits = lm.load_tweets(args.n_train, args.n_val, args.n_test, args.seed)
+    data = {k: lm.encode(tokenizer, texts, labels, args.max_length) for k, (texts, labels) in splits.items()}
+    param_filter = bias_norm_head if args.params == "bias_norm_head" else None
+    if param_filter is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(param_filter(name, p))
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    optimizer = None
+    if args.method == "svrg":
+        anchor = lm.take(data["train"], torch.arange(min(args.anchor_size, args.n_train)))
+        chunks = [lm.take(anchor, torch.arange(s, min(s + 32, len(anchor["labels"]))))
+                  for s in range(0, len(anchor["labels"]), 32)]
+        optimizer = ZOSVRG(model, chunks, lm.classification_loss, q=args.q, lr_anchor=args.lr_anchor, lr=lr,
+                           mu=args.mu, param_filter=param_filter, seed=args.seed)
+    elif args.method == "fo":
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return model, data, optimizer, lr, param_filter
+
+
+def one_step(args, model, data, optimizer, lr, param_filter, step: int, generator: torch.Generator):
+    index = torch.randperm(args.n_train, generator=generator)[:args.batch_size]
+    batch = lm.take(data["train"], index)
+    if args.method == "mezo":
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        result = mezo_step(model, batch, lm.classification_loss, mu=args.mu, lr=lr, seed=seed,
+                           param_filter=param_filter)
+        return result.loss, result.num_queries
+    if args.method == "svrg":
+        result = optimizer.step(batch)
+        forwards = result.num_queries * (32 if result.anchor else args.batch_size) // args.batch_size
+        return result.loss, forwards
+    model.train(False)
+    return first_order_step(model, batch, lm.classification_loss, optimizer), FORWARDS_PER_STEP["fo"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    model, data, optimizer, lr, param_filter = build(args)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    step, forwards, elapsed = 0, 0, 0.0
+    checkpoint = out / f"{args.method}.pt"
+    if args.resume:
+        state = lm_resume(checkpoint, model, optimizer, generator)
+        step, forwards, elapsed = state["step"], state["forwards"], state["seconds"]
+    log = CsvLog(out / f"{args.method}.csv", lm.FIELDS, resume_after_step=step if args.resume else None)
+    bar = tqdm(total=args.budget_forwards, initial=forwards, desc=f"lm {args.method}", unit="fwd")
+    while forwards < args.budget_forwards and (args.max_steps is None or step < args.max_steps):
+        start = time.perf_counter()
+        loss, used = one_step(args, model, data, optimizer, lr, param_filter, step, generator)
+        step, forwards, elapsed = step + 1, forwards + used, elapsed + time.perf_counter() - start
+        bar.update(used)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        val = lm.accuracy(model, data["val"]) if step % args.eval_every == 0 else ""
+        log.append(step=step, forwards=forwards, train_loss=loss, val_acc=val, seconds=round(elapsed, 2))
+        if step % args.checkpoint_every == 0:
+            lm_save(checkpoint, model, optimizer, generator, step, forwards, elapsed)
+    bar.close()
+    lm_save(checkpoint, model, optimizer, generator, step, forwards, elapsed)
+    test_acc, val_acc = lm.accuracy(model, data["test"]), lm.accuracy(model, data["val"])
+    print(f"method={args.method} steps={step} forwards={forwards} seconds={elapsed:.0f} "
+          f"val_acc={val_acc:.4f} test_acc={test_acc:.4f}")
+    if args.plot:
+        curves = {m: out / f"{m}.csv" for m in ("mezo", "svrg", "fo") if (out / f"{m}.csv").exists()}
+        print("plot:", plot_curves(curves, "forwards", ["train_loss", "val_acc"], out / "lm_curves.png",
+                                   "sentiment fine-tuning"))
+    return 0
+
+
+def lm_save(path, model, optimizer, generator, step, forwards, elapsed) -> None:
+    save_checkpoint_atomic(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_state({"batches": generator}), "step": step, "forwards": forwards, "seconds": elapsed})
+
+
+def lm_resume(path, model, optimizer, generator) -> dict:
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"], {"batches": generator})
+    return state
