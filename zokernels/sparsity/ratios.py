@@ -117,7 +117,7 @@ def overall_sparsity(model: nn.Module, ratios: dict[str, float]) -> float:
 def save_ratios(path: str | os.PathLike, ratios: dict[str, float], **metadata) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # ranks may write concurrently
     temporary.write_text(json.dumps({"ratios": ratios, "metadata": metadata}, indent=1, sort_keys=True))
     os.replace(temporary, path)
 
