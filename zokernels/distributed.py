@@ -126,13 +126,17 @@ class CoordinateSharder:
 
     def shards(self, model, batch, loss_fn, mu, mask) -> list[list[tuple[str, torch.Tensor]]]:
         coordinates = selected_coordinates(model, mask)
-        key = tuple((name, len(idx), int(idx.sum()) if len(idx) else 0) for name, idx in coordinates)
-        if key != self._shards_key:  # masks change every few epochs; re-partition only then
+        if not self._same_coordinates(coordinates):  # masks change every few epochs; re-partition only then
             if self.costs is None:
                 self.costs = self._broadcast_costs(model, batch, loss_fn, mu)
             self._shards = partition_by_cost(coordinates, self.costs, self.world_size)
-            self._shards_key = key
+            self._shards_key = coordinates
         return self._shards
+
+    def _same_coordinates(self, coordinates) -> bool:
+        previous = self._shards_key
+        return previous is not None and len(previous) == len(coordinates) and all(
+            a == c and torch.equal(b, d) for (a, b), (c, d) in zip(previous, coordinates))
 
     def cge_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
                  mask: dict[str, torch.Tensor] | None = None) -> StepResult:
