@@ -11,7 +11,7 @@ Two ways of forming θ ± μz (`mode`):
 - "inplace" (MeZO's memory: no copy): θ += μz; θ −= 2μz; θ += (μ − lr·g)z, as in the MeZO code but one sweep per
   phase (restores and the next direction's perturbation share a sweep when q > 1). Each sweep rounds once, so
   after the step |θ − θ_ref| ≤ ½[ulp(θ⁺) + ulp(θ⁻) + ulp(θ_new) + ulp(θ_ref)] + 2⁻²³(|μz| + |(μ − lr·g)z| + |lr·g·z|)
-  per element (tests/test_mezo_numerics.py checks it); on failure the pending perturbation is undone by one sweep,
+  per element (derived, not yet tested; the sequence itself is tested bit-exact against its twin); on failure the pending perturbation is undone by one sweep,
   |θ_restored − θ| ≤ ½[ulp(θ ± μz) + ulp(θ_restored)]. In bf16 that noise is ~100× a typical update: use "exact".
 """
 from __future__ import annotations
