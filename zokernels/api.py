@@ -2,12 +2,15 @@
 step it) and returns a StepResult. No training policy lives here."""
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 
 from . import backends
-from .estimators.cge import cge_estimate
+from .engine.cge_engine import EngineUnavailable, engine_base, engine_estimates, prepare
+from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
+from .estimators.cge import cge_estimate, naive_parameter_estimator
 from .estimators.common import (LossFn, QueryGuard, StepResult, check_choice, check_mask, check_mu, default_loss,
                                 evaluate_loss, trainable_parameters)
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
@@ -40,33 +43,89 @@ def _model_device(params: list[torch.Tensor]) -> torch.device:
     return params[0].device
 
 
+ENGINES = ("auto", "delta", "naive")
+
+
+def _first_of_batch(batch: Any) -> tuple:
+    return (batch[0],) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None):
+    """The captured model when the delta engine will run, else None (with the reason warned or raised)."""
+    if engine == "naive":
+        return None
+    if loss_fn is not None:
+        if engine == "delta":
+            raise ValueError("engine='delta' needs output_loss instead of loss_fn: the engine must see the model "
+                             "output to carry deltas to the loss")
+        return None
+    try:
+        return prepare(model)
+    except EngineUnavailable as reason:
+        if engine == "delta":
+            raise RuntimeError(f"engine='delta' cannot run this model: {reason}") from None
+        warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {reason}", stacklevel=3)
+        return None
+
+
 @torch.no_grad()
 def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
              mask: dict[str, torch.Tensor] | None = None, scheme: str = "forward", *,
-             update_running_stats: bool = True, accumulate: bool = False, backend: str | None = None) -> StepResult:
-    """Coordinate-wise gradient estimate of loss_fn(model, batch), written into `.grad`.
+             output_loss: str | OutputLoss | None = None, model_input: Callable[[Any], tuple] | None = None,
+             engine: str = "auto", max_memory_bytes: int | None = None, update_running_stats: bool = True,
+             accumulate: bool = False, backend: str | None = None) -> StepResult:
+    """Coordinate-wise gradient estimate, written into `.grad`.
 
     Every coordinate i (or only those where `mask[name]` is True; parameters missing from `mask` get zero) is
     perturbed by mu: forward (ℓ(θ+μe_i) − ℓ(θ))/h_i or central (ℓ(θ+μe_i) − ℓ(θ−μe_i))/(2h_i), where h_i is the
-    step actually realized in the parameter's dtype. The base evaluation updates BN running statistics once
-    (like a training forward) unless update_running_stats=False; the queries never do, and parameters are
-    bit-identical afterwards even if loss_fn raises or returns NaN.
+    step actually realized in the parameter's dtype.
+
+    The loss is either `loss_fn(model, batch)` (opaque: one full evaluation per query) or
+    `output_loss(model(*model_input(batch)), batch)` with output_loss 'cross_entropy' (default), 'mse' or any
+    callable, e.g. a black box (set `accepts_query_axis = True` on it to receive [K, B, ...] outputs at once).
+    With output_loss, engine='auto' uses the delta engine (exact incremental queries, K coordinates per pass
+    within `max_memory_bytes`) whenever the model can be traced, else full evaluations.
+
+    The base evaluation updates BN running statistics once (like a training forward) unless
+    update_running_stats=False; the queries never do, and parameters are bit-identical afterwards even if the
+    loss raises or returns NaN.
     """
-    loss_fn = loss_fn or default_loss
     mu = check_mu(mu)
     check_choice("scheme", scheme, SCHEMES)
+    check_choice("engine", engine, ENGINES)
+    if loss_fn is not None and output_loss is not None:
+        raise ValueError("pass either loss_fn(model, batch) or output_loss(outputs, batch), not both")
+    if isinstance(output_loss, str):
+        check_choice("output_loss", output_loss, BUILTIN_OUTPUT_LOSSES)
+    if max_memory_bytes is not None and (not isinstance(max_memory_bytes, int) or max_memory_bytes < 1):
+        raise ValueError(f"max_memory_bytes must be a positive int, got {max_memory_bytes!r}")
     named = trainable_parameters(model)
     mask = check_mask(mask, named)
     params = [p for _, p in named]
     used_backend = backends.resolve_backend(backend, _model_device(params))
+    captured = _choose_engine(engine, model, loss_fn)
+    model_input = model_input or _first_of_batch
+    head = Head(output_loss or "cross_entropy", batch)
+    loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
     with guard:
-        base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+        if captured is not None:
+            base = engine_base(captured, batch, head, model_input, guard)
+            if not update_running_stats:
+                guard.restore_buffers()
+        else:
+            base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
         guard.keep_current_buffers()
-        estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
+        if captured is not None:
+            naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base)
+            estimates, n_coordinates = engine_estimates(captured, head, mu, named, mask, scheme, base,
+                                                        max_memory_bytes, naive)
+        else:
+            estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
     _write_grads(params, [estimates[name] for name, _ in named], accumulate)
     queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
-    return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates)
+    return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
+                      engine="delta" if captured is not None else "naive")
 
 
 @torch.no_grad()

@@ -44,6 +44,13 @@ def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, ba
     return estimate.view_as(param).to(param.dtype)
 
 
+def naive_parameter_estimator(model, batch, loss_fn, mu, central, guard, base_loss):
+    """A per-parameter naive estimator with the step's context bound (for engines that delegate some parameters)."""
+    def estimate(name, param, indices):
+        return _cge_one_parameter(name, param, indices, base_loss, mu, central, loss_fn, model, batch, guard)
+    return estimate
+
+
 def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, named_params, mask,
                  scheme: str, guard: QueryGuard, base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
     """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates."""

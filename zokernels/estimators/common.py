@@ -27,6 +27,7 @@ class StepResult:
     backend: str
     num_coordinates: int = 0
     seed: int | None = None
+    engine: str = ""  # CGE: 'delta' (incremental engine) or 'naive' (one full evaluation per query)
 
 
 def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -18,7 +18,8 @@ from .philox_ref import philox_normal_ref
 
 
 def _loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any) -> float:
-    return float(loss_fn(model, batch).item())
+    value = loss_fn(model, batch)
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def _coordinate_indices(p: torch.Tensor, mask: torch.Tensor | None) -> list[int]:

@@ -1,0 +1,199 @@
+"""The fast exact CGE engine: one base forward with every op's output cached, then, for K coordinates at a time,
+the exact change of the loss carried forward from the coordinate's op as a delta (see engine/delta.py).
+
+It computes the same quantity as the naive per-coordinate forward difference (ℓ(θ + h e_i) − ℓ(θ))/h, with h the
+realized step, but formed from δ directly, so no two nearly-equal losses are subtracted."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..estimators.cge import coordinate_indices
+from ..estimators.common import QueryGuard
+from . import delta as rules
+from .delta import Delta
+from .graph import CapturedModel, capture, engine_blockers, propagate, run_base
+from .heads import Head
+
+DEFAULT_MAX_MEMORY_BYTES = 1 << 30
+_TEMPORARIES_PER_ACTIVATION = 6  # live delta + rule intermediates, per replica
+
+
+class EngineUnavailable(Exception):
+    """The model cannot go through the delta engine; the message says why (the caller falls back)."""
+
+
+def prepare(model: nn.Module) -> CapturedModel:
+    try:
+        captured = capture(model)
+    except Exception as error:  # fx raises many types for untraceable Python
+        raise EngineUnavailable(f"torch.fx could not trace the model ({type(error).__name__}: {error})") from error
+    blockers = engine_blockers(captured)
+    if blockers:
+        raise EngineUnavailable("; ".join(blockers))
+    return captured
+
+
+def parameter_sites(captured: CapturedModel) -> dict[str, tuple[fx.Node, nn.Module, str]]:
+    """Parameter name -> (the one call_module node using it, module, local name). Parameters of modules called
+    more than once are left out (the caller handles them with full evaluations)."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in captured.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    sites = {}
+    for target, nodes in calls.items():
+        if len(nodes) != 1:
+            continue
+        module = captured.module(nodes[0])
+        for local, _ in module.named_parameters(recurse=False):
+            sites[f"{target}.{local}" if target else local] = (nodes[0], module, local)
+    return sites
+
+
+def realized_steps(param: torch.Tensor, indices: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_up = fl(θ+μ) − θ and h_down = θ − fl(θ−μ) in float64 (exact differences of two representable values)."""
+    theta = param.detach().reshape(-1)[indices.to(param.device)]
+    up = (theta + mu).double() - theta.double()
+    down = theta.double() - (theta - mu).double()
+    return up.cpu(), down.cpu()
+
+
+def seed_delta(captured: CapturedModel, node: fx.Node, module: nn.Module, local: str, indices: torch.Tensor,
+               steps: torch.Tensor, cache: dict) -> Delta:
+    """The change of `node`'s output when coordinate indices[k] of its parameter moves by steps[k]."""
+    x, y = captured.values[node.args[0]], captured.values[node]
+    h = steps.to(device=y.device, dtype=y.dtype)
+    idx = indices.to(y.device)
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str) \
+            and module.padding_mode == "zeros" and len(node.args) == 1:
+        spatial = y.shape[2:]
+        if local == "bias":
+            return Delta(h.view(-1, 1, 1, 1).expand(-1, y.shape[0], *spatial).clone(), idx)
+        per_out = module.weight[0].numel()
+        patches = cache.get(node)
+        if patches is None:
+            patches = cache[node] = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        values = patches.index_select(1, idx % per_out).transpose(0, 1)  # [K, B, L]
+        return Delta(values.reshape(len(idx), y.shape[0], *spatial) * h.view(-1, 1, 1, 1), idx // per_out)
+    if isinstance(module, nn.Linear) and x.dim() == 2:
+        if local == "bias":
+            return Delta(h.view(-1, 1).expand(-1, y.shape[0]).clone(), idx)
+        columns = x.index_select(1, idx % module.in_features).T  # [K, B]
+        return Delta(columns * h.view(-1, 1), idx // module.in_features)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        shape = (-1,) + (1,) * (y.dim() - 1)
+        if local == "bias":
+            return Delta(h.view(shape).expand(-1, *rules.gather_channels(y, idx).shape[1:]).clone(), idx)
+        normalized = cache.get(node)
+        if normalized is None:
+            normalized = cache[node] = rules.normalized_input(x, module)
+        return Delta(rules.gather_channels(normalized, idx) * h.view(shape), idx)
+    return _perturbed_module_delta(captured, node, module, local, idx, h)
+
+
+def _perturbed_module_delta(captured, node, module, local, idx, h) -> Delta:
+    """Any other module: evaluate it with the coordinate perturbed (functional_call), once per replica."""
+    values, base = captured.values, captured.values[node]
+    args = fx.node.map_arg(node.args, lambda a: values[a])
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: values[a])
+    param = getattr(module, local)
+    outputs = []
+    for i, step in zip(idx.tolist(), h):
+        perturbed = param.detach().clone()
+        perturbed.view(-1)[i] += step.to(param.dtype)
+        outputs.append(torch.func.functional_call(module, {local: perturbed}, args, kwargs) - base)
+    return Delta(torch.stack(outputs))
+
+
+def _last_uses(captured: CapturedModel) -> dict[fx.Node, int]:
+    position = {n: i for i, n in enumerate(captured.nodes)}
+    return {n: max((position[u] for u in n.users), default=position[n]) for n in captured.nodes}
+
+
+def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use: dict[fx.Node, int]) -> Delta:
+    """Carries `seed` (the delta of `start`'s output) to the model output, freeing deltas after their last use."""
+    deltas: dict[fx.Node, Delta] = {start: seed}
+    begin = captured.nodes.index(start) + 1
+    for position, node in enumerate(captured.nodes[begin:], start=begin):
+        if node.op == "output":
+            result = deltas.get(node.args[0])
+            return result if result is not None else Delta(torch.zeros(seed.replicas, *captured.values[
+                node.args[0]].shape, dtype=seed.values.dtype, device=seed.values.device))
+        changed = propagate(captured, node, deltas)
+        if changed is not None:
+            deltas[node] = changed
+        for source in [n for n in deltas if last_use[n] <= position]:
+            del deltas[source]
+    raise EngineUnavailable("the traced graph has no output node")
+
+
+def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes: int) -> int:
+    """K from the memory budget: the largest activation after `start`, times the live temporaries."""
+    begin = captured.nodes.index(start)
+    largest = max((v.numel() * v.element_size() for n, v in captured.values.items()
+                   if isinstance(v, torch.Tensor) and captured.nodes.index(n) >= begin), default=1)
+    return max(1, int(max_memory_bytes // (largest * _TEMPORARIES_PER_ACTIVATION)))
+
+
+def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_loss, cache, last_use, name):
+    seed = seed_delta(captured, node, module, local, chunk, steps, cache)
+    out = output_delta(captured, node, seed, last_use)
+    outputs = captured.values[captured.nodes[-1].args[0]]
+    return head.change(outputs, out, base_loss, f"the queries of {name}[{chunk[0].item()}...]").cpu()
+
+
+def _estimate_parameter(captured, head, site, name, param, indices, mu, central, base_loss, budget,
+                        last_use) -> torch.Tensor:
+    node, module, local = site
+    estimate = torch.zeros(param.numel(), dtype=torch.float64)
+    if indices.numel() == 0:
+        return estimate.view_as(param).to(param.dtype)
+    cache: dict = {}
+    k = replicas_per_pass(captured, node, budget)
+    for chunk in indices.split(k):
+        up, down = realized_steps(param, chunk, mu)
+        change_up = _loss_changes(captured, head, node, module, local, chunk, up, base_loss, cache, last_use, name)
+        if central:
+            change_down = _loss_changes(captured, head, node, module, local, chunk, -down, base_loss, cache,
+                                        last_use, name)
+            estimate[chunk] = (change_up - change_down) / (up + down)
+        else:
+            estimate[chunk] = change_up / up
+    return estimate.view_as(param).to(param.dtype)
+
+
+def engine_base(captured: CapturedModel, batch: Any, head: Head, model_input: Callable[[Any], tuple],
+                guard: QueryGuard) -> float:
+    """The base forward (through the real modules, caching every op's output) and the base loss."""
+    with guard.same_randomness():
+        outputs = run_base(captured, model_input(batch))
+    if not isinstance(outputs, torch.Tensor):
+        raise EngineUnavailable(f"the model returns {type(outputs).__name__}; the engine needs one tensor")
+    return head.base(outputs)
+
+
+def engine_estimates(captured: CapturedModel, head: Head, mu: float, named, mask, scheme: str, base_loss: float,
+                     max_memory_bytes: int | None, naive_parameter: Callable) -> tuple[dict[str, torch.Tensor], int]:
+    """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates.
+
+    `naive_parameter(name, param, indices)` handles parameters the engine has no site for (e.g. a module called
+    twice) with full evaluations."""
+    sites, last_use = parameter_sites(captured), _last_uses(captured)
+    budget = max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES
+    estimates, n_coordinates = {}, 0
+    for name, param in named:
+        if mask is not None and name not in mask:
+            estimates[name] = torch.zeros_like(param)
+            continue
+        indices = coordinate_indices(param, None if mask is None else mask[name])
+        n_coordinates += indices.numel()
+        if name in sites:
+            estimates[name] = _estimate_parameter(captured, head, sites[name], name, param, indices, mu,
+                                                  scheme == "central", base_loss, budget, last_use)
+        else:
+            estimates[name] = naive_parameter(name, param, indices)
+    return estimates, n_coordinates

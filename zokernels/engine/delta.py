@@ -1,0 +1,186 @@
+"""Exact delta propagation: how a perturbation δ at one op's output moves through the ops after it.
+
+A Delta holds K replicas (one per coordinate) of the change δ = perturbed value − base value of one node's output:
+- channel form: δ is nonzero in one channel (dim 1) per replica: `values` [K, B, *spatial], `channels` [K];
+- dense form: `values` [K, B, *feature_shape].
+Rules never form f(x+δ) and f(x) separately where a closed form avoids the cancellation (ReLU, tanh, BN, the
+loss); linear ops are applied to δ alone. Unsupported ops use `generic_delta`: f(x+δ_k) − f(x), one replica at a
+time — slower, never wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Delta:
+    values: torch.Tensor
+    channels: torch.Tensor | None = None  # None: dense
+
+    @property
+    def replicas(self) -> int:
+        return self.values.shape[0]
+
+    def dense(self, base: torch.Tensor) -> torch.Tensor:
+        """[K, *base.shape] with the channel replicas scattered into zeros."""
+        if self.channels is None:
+            return self.values
+        out = self.values.new_zeros((self.replicas, *base.shape))
+        out[torch.arange(self.replicas), :, self.channels] = self.values
+        return out
+
+    def scaled(self, factor: torch.Tensor) -> "Delta":
+        return Delta(self.values * factor, self.channels)
+
+
+def gather_channels(base: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """base[:, channels[k]] for every replica: [K, B, *spatial]."""
+    return base.index_select(1, channels).transpose(0, 1)
+
+
+def per_channel(vector: torch.Tensor, delta: Delta, base: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast against delta.values."""
+    spatial = base.dim() - 2
+    if delta.channels is not None:
+        return vector[delta.channels].view(-1, 1, *([1] * spatial))
+    return vector.view(1, 1, -1, *([1] * spatial))
+
+
+def base_like(base: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """The base values aligned with delta.values."""
+    return gather_channels(base, delta.channels) if delta.channels is not None else base.unsqueeze(0)
+
+
+# ---- elementwise nonlinearities ------------------------------------------------------------------------------
+def relu_delta(x: torch.Tensor, delta: Delta) -> Delta:
+    xb, d = base_like(x, delta), delta.values
+    # relu(x+δ) − relu(x) = max(δ, −x) where x > 0, else max(x + δ, 0): one rounding, no cancellation.
+    return Delta(torch.where(xb > 0, torch.maximum(d, -xb), torch.clamp(xb + d, min=0)), delta.channels)
+
+
+def tanh_delta(x: torch.Tensor, delta: Delta) -> Delta:
+    xb, d = base_like(x, delta), delta.values
+    tx = torch.tanh(xb)
+    # tanh(x+δ) − tanh(x) = tanh(δ)·(1 − tanh(x)·tanh(x+δ))
+    return Delta(torch.tanh(d) * (1 - tx * torch.tanh(xb + d)), delta.channels)
+
+
+def elementwise_delta(fn, x: torch.Tensor, delta: Delta) -> Delta:
+    xb = base_like(x, delta)
+    return Delta(fn(xb + delta.values) - fn(xb), delta.channels)
+
+
+# ---- batch normalization ------------------------------------------------------------------------------------
+def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | None, eps: float) -> Delta:
+    """BN with batch statistics, per replica: the change of the output when the input changes by δ, computed from
+    δ directly (mean and variance changes are formed without subtracting large numbers)."""
+    first_spatial = 2 if delta.channels is not None else 3
+    reduce = (1,) + tuple(range(first_spatial, delta.values.dim()))  # over B and spatial, per replica, channel
+    xb = base_like(x, delta)
+    base_reduce = tuple(d for d in range(x.dim()) if d != 1)
+    mean = x.mean(dim=base_reduce)
+    var = x.var(dim=base_reduce, unbiased=False)
+    centered = xb - per_channel(mean, delta, x)
+    d_mean = delta.values.mean(dim=reduce, keepdim=True)
+    d_centered = delta.values - d_mean
+    d_var = 2 * (centered * d_centered).mean(dim=reduce, keepdim=True) + d_centered.square().mean(
+        dim=reduce, keepdim=True)
+    root = torch.sqrt(per_channel(var, delta, x) + eps)
+    new_root = torch.sqrt(root.square() + d_var)
+    d_inv = -d_var / (root * new_root * (root + new_root))  # 1/new_root − 1/root
+    out = centered * d_inv + d_centered / new_root
+    if weight is not None:
+        out = out * per_channel(weight, delta, x)
+    return Delta(out, delta.channels)
+
+
+def batchnorm_eval_delta(x: torch.Tensor, delta: Delta, module: torch.nn.modules.batchnorm._BatchNorm) -> Delta:
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    return delta.scaled(per_channel(scale, delta, x))
+
+
+def batchnorm_uses_batch_stats(module: torch.nn.modules.batchnorm._BatchNorm) -> bool:
+    return module.training or module.running_mean is None
+
+
+def normalized_input(x: torch.Tensor, module: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """x̂ = (x − mean)/sqrt(var + eps) as the BN module computes it (batch or running statistics)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if batchnorm_uses_batch_stats(module):
+        dims = tuple(d for d in range(x.dim()) if d != 1)
+        mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+    else:
+        mean, var = module.running_mean, module.running_var
+    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+
+
+# ---- linear mixing ops ----------------------------------------------------------------------------------------
+def conv2d_delta(delta: Delta, x: torch.Tensor, module: torch.nn.Conv2d) -> Delta:
+    """δy = conv(δx, W) (no bias). A channel-form δx costs 1/C_in of a dense conv: a grouped conv with each
+    replica's weight slice W[:, c_k]."""
+    k, batch = delta.replicas, x.shape[0]
+    args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    if delta.channels is None or module.groups != 1:
+        out = F.conv2d(delta.dense(x).reshape(k * batch, *x.shape[1:]), module.weight, None, groups=module.groups,
+                       **args)
+        return Delta(out.view(k, batch, *out.shape[1:]))
+    weight = module.weight.index_select(1, delta.channels).transpose(0, 1)  # [K, C_out, kh, kw]
+    out = F.conv2d(delta.values.transpose(0, 1), weight.reshape(-1, 1, *weight.shape[2:]), None, groups=k, **args)
+    out = out.view(batch, k, module.out_channels, *out.shape[2:]).transpose(0, 1)
+    return Delta(out)
+
+
+def linear_delta(delta: Delta, module: torch.nn.Linear) -> Delta:
+    if delta.channels is None:
+        return Delta(delta.values @ module.weight.T)
+    columns = module.weight.index_select(1, delta.channels).T  # [K, out]
+    return Delta(delta.values.unsqueeze(-1) * columns.unsqueeze(1))
+
+
+def per_replica_linear(fn, delta: Delta, x: torch.Tensor) -> Delta:
+    """A linear, per-sample, per-channel op (pooling, subsampling) applied to δ; keeps the channel form."""
+    k, batch = delta.replicas, x.shape[0]
+    if delta.channels is None:
+        out = fn(delta.values.reshape(k * batch, *delta.values.shape[2:]))
+        return Delta(out.view(k, batch, *out.shape[1:]))
+    out = fn(delta.values.reshape(k * batch, 1, *delta.values.shape[2:]))
+    return Delta(out.view(k, batch, *out.shape[2:]), delta.channels)
+
+
+def flatten_delta(delta: Delta, x: torch.Tensor) -> Delta:
+    if delta.channels is not None and x[0, 0].numel() == 1:
+        return Delta(delta.values.reshape(delta.replicas, x.shape[0]), delta.channels)
+    return Delta(delta.dense(x).reshape(delta.replicas, x.shape[0], -1))
+
+
+def add_deltas(a: Delta | None, b: Delta | None, base_a: torch.Tensor, base_b: torch.Tensor) -> Delta | None:
+    if a is None or b is None:
+        return a if b is None else b
+    if a.channels is not None and b.channels is not None and torch.equal(a.channels, b.channels):
+        return Delta(a.values + b.values, a.channels)
+    return Delta(a.dense(base_a) + b.dense(base_b))
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+def cross_entropy_delta(logits: torch.Tensor, targets: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """Change of mean cross-entropy per replica: mean_b [log1p(Σ_j p_j expm1(δz_j)) − δz_y] (exact, stable)."""
+    p = torch.softmax(logits, dim=1)
+    if delta.channels is not None:  # only logit c_k changes
+        pc = p.index_select(1, delta.channels).T  # [K, B]
+        hit = (targets.unsqueeze(0) == delta.channels.unsqueeze(1)).to(delta.values.dtype)
+        per_sample = torch.log1p(pc * torch.expm1(delta.values)) - delta.values * hit
+    else:
+        per_sample = torch.log1p((p.unsqueeze(0) * torch.expm1(delta.values)).sum(-1))
+        per_sample = per_sample - delta.values.gather(2, targets.view(1, -1, 1).expand(delta.replicas, -1, 1))[..., 0]
+    return per_sample.mean(dim=1)
+
+
+def mse_delta(outputs: torch.Tensor, targets: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """Change of mean squared error: mean[δ·(2(y − t) + δ)]."""
+    d = delta.dense(outputs)
+    return (d * (2 * (outputs - targets).unsqueeze(0) + d)).flatten(1).mean(dim=1)

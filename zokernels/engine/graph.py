@@ -1,0 +1,227 @@
+"""Op-level capture of a model (torch.fx) with every node's base value cached, and the dispatch from a node to
+its delta rule."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..models import ShortcutA
+from . import delta as rules
+from .delta import Delta
+
+ELEMENTWISE_MODULES = (nn.LeakyReLU, nn.GELU, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus)
+LINEAR_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout)
+POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
+CHANNEL_NONLINEAR_MODULES = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+RELU_FUNCTIONS = (F.relu, torch.relu)
+ADD_FUNCTIONS = (operator.add, torch.add)
+FLATTEN_FUNCTIONS = (torch.flatten,)
+POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, ShortcutA) or super().is_leaf_module(module, qualified_name)
+
+
+@dataclass
+class CapturedModel:
+    """The traced graph, the module of every call_module node, and the base value of every node."""
+
+    graph_module: fx.GraphModule
+    nodes: list[fx.Node]
+    values: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.graph_module.get_submodule(node.target)
+
+
+def capture(model: nn.Module) -> CapturedModel:
+    """Traces `model`; raises fx's error for models with data-dependent control flow (callers fall back)."""
+    graph = _Tracer().trace(model)
+    graph_module = fx.GraphModule(model, graph)
+    return CapturedModel(graph_module, list(graph.nodes))
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, captured: CapturedModel):
+        super().__init__(captured.graph_module)
+        self.captured = captured
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        self.captured.values[node] = value
+        return value
+
+
+def run_base(captured: CapturedModel, inputs: tuple) -> torch.Tensor:
+    """One ordinary forward through the real modules (so BN running statistics move as in a training forward),
+    keeping every node's output."""
+    captured.values.clear()
+    return _Recorder(captured).run(*inputs)
+
+
+def _is_supported_dropout(module: nn.Module) -> bool:
+    return not (isinstance(module, nn.Dropout) and module.training and module.p > 0)
+
+
+def engine_blockers(captured: CapturedModel) -> list[str]:
+    """Reasons the delta engine cannot reproduce this model's queries exactly (empty when it can)."""
+    blockers = []
+    for node in captured.nodes:
+        if node.op == "call_module" and not _is_supported_dropout(captured.module(node)):
+            blockers.append(f"{node.target}: dropout in training mode draws new masks per replica")
+    return blockers
+
+
+def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta]) -> Delta | None:
+    """The delta of `node`'s output given the deltas of its inputs (None if none of its inputs changed)."""
+    inputs = [a for a in node.all_input_nodes if a in deltas]
+    if not inputs:
+        return None
+    values = captured.values
+    if node.op == "call_module":
+        rule = _module_rule(captured.module(node))
+    elif node.op == "call_function":
+        rule = _function_rule(node)
+    elif node.op == "call_method":
+        rule = _method_rule(node)
+    else:
+        rule = None
+    if rule is not None and len(node.args) >= 1 and isinstance(node.args[0], fx.Node):
+        result = rule(node, values, deltas)
+        if result is not NotImplemented:
+            return result
+    return generic_delta(captured, node, deltas)
+
+
+def _first(node: fx.Node, values, deltas) -> tuple[torch.Tensor, Delta | None]:
+    source = node.args[0]
+    return values[source], deltas.get(source)
+
+
+def _module_rule(module: nn.Module):
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return lambda n, v, d: _conv2d(n, v, d, module)
+    if isinstance(module, nn.Linear):
+        return lambda n, v, d: _linear(n, v, d, module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return lambda n, v, d: _batchnorm(n, v, d, module)
+    if isinstance(module, nn.ReLU):
+        return lambda n, v, d: rules.relu_delta(*_first(n, v, d))
+    if isinstance(module, nn.Tanh):
+        return lambda n, v, d: rules.tanh_delta(*_first(n, v, d))
+    if isinstance(module, ELEMENTWISE_MODULES):
+        return lambda n, v, d: rules.elementwise_delta(module, *_first(n, v, d))
+    if isinstance(module, LINEAR_PASSTHROUGH_MODULES) and _is_supported_dropout(module):
+        return lambda n, v, d: d[n.args[0]]
+    if isinstance(module, (*POOL_MODULES, ShortcutA)):
+        return lambda n, v, d: _shortcut_or_pool(n, v, d, module)
+    if isinstance(module, CHANNEL_NONLINEAR_MODULES):
+        return lambda n, v, d: _channel_nonlinear(n, v, d, module)
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return lambda n, v, d: rules.flatten_delta(d[n.args[0]], v[n.args[0]])
+    return None
+
+
+def _conv2d(node, values, deltas, module: nn.Conv2d):
+    if any(a in deltas for a in node.all_input_nodes[1:]):
+        return NotImplemented  # the rule covers a change of the input only
+    return rules.conv2d_delta(deltas[node.args[0]], values[node.args[0]], module)
+
+
+def _linear(node, values, deltas, module: nn.Linear):
+    x = values[node.args[0]]
+    if x.dim() != 2:
+        return rules.Delta(rules.linear_delta(Delta(deltas[node.args[0]].dense(x)), module).values)
+    return rules.linear_delta(deltas[node.args[0]], module)
+
+
+def _batchnorm(node, values, deltas, module):
+    x, delta = _first(node, values, deltas)
+    if rules.batchnorm_uses_batch_stats(module):
+        return rules.batchnorm_train_delta(x, delta, module.weight, module.eps)
+    return rules.batchnorm_eval_delta(x, delta, module)
+
+
+def _shortcut_or_pool(node, values, deltas, module):
+    x, delta = _first(node, values, deltas)
+    if isinstance(module, ShortcutA):
+        if delta.channels is None:
+            return rules.per_replica_linear(module, delta, x)
+        sub = delta.values[..., ::module.stride, ::module.stride]
+        return Delta(sub, delta.channels + module.pad_before)
+    return rules.per_replica_linear(module, delta, x)
+
+
+def _channel_nonlinear(node, values, deltas, module):
+    """Per-channel but nonlinear (max pooling): f(x_c + δ) − f(x_c) on the affected channels only."""
+    x, delta = _first(node, values, deltas)
+    k, batch = delta.replicas, x.shape[0]
+    xb = rules.base_like(x, delta)
+    if delta.channels is not None:
+        flat = lambda t: t.reshape(k * batch, 1, *t.shape[2:])  # noqa: E731
+        out = module(flat(xb + delta.values)) - module(flat(xb.expand_as(delta.values)))
+        return Delta(out.view(k, batch, *out.shape[2:]), delta.channels)
+    perturbed = module((xb + delta.values).reshape(k * batch, *x.shape[1:]))
+    base = values[node].unsqueeze(0)
+    return Delta(perturbed.view(k, *base.shape[1:]) - base)
+
+
+def _function_rule(node: fx.Node):
+    fn = node.target
+    if fn in RELU_FUNCTIONS and not node.kwargs.get("inplace", False):
+        return lambda n, v, d: rules.relu_delta(*_first(n, v, d))
+    if fn is torch.tanh:
+        return lambda n, v, d: rules.tanh_delta(*_first(n, v, d))
+    if fn in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+        return _add
+    if fn in FLATTEN_FUNCTIONS and tuple(node.args[1:]) in ((1,), (1, -1)) and not node.kwargs:
+        return lambda n, v, d: rules.flatten_delta(d[n.args[0]], v[n.args[0]])
+    return None
+
+
+def _method_rule(node: fx.Node):
+    if node.target == "relu" and len(node.args) == 1:
+        return lambda n, v, d: rules.relu_delta(*_first(n, v, d))
+    if node.target == "flatten" and tuple(node.args[1:]) in ((1,), (1, -1)) and not node.kwargs:
+        return lambda n, v, d: rules.flatten_delta(d[n.args[0]], v[n.args[0]])
+    return None
+
+
+def _add(node, values, deltas):
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return deltas[a if isinstance(a, fx.Node) else b]  # adding a constant does not change δ
+    va, vb = values[a], values[b]
+    if va.shape != vb.shape:
+        return NotImplemented  # broadcasting add: generic
+    return rules.add_deltas(deltas.get(a), deltas.get(b), va, vb)
+
+
+def generic_delta(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta]) -> Delta:
+    """f(inputs + δ_k) − f(inputs) for each replica, through the node's own module/function: any op, any
+    coupling across the batch; one evaluation per replica."""
+    values = captured.values
+    replicas = next(deltas[a].replicas for a in node.all_input_nodes if a in deltas)
+    dense = {a: deltas[a].dense(values[a]) for a in node.all_input_nodes if a in deltas}
+    outputs = []
+    for k in range(replicas):
+        load = lambda a: values[a] + dense[a][k] if a in dense else values[a]  # noqa: E731
+        args = fx.node.map_arg(node.args, load)
+        kwargs = fx.node.map_arg(node.kwargs, load)
+        outputs.append(_call(captured, node, args, kwargs) - values[node])
+    return Delta(torch.stack(outputs))
+
+
+def _call(captured: CapturedModel, node: fx.Node, args, kwargs):
+    if node.op == "call_module":
+        return captured.module(node)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    self_obj, *rest = args
+    return getattr(self_obj, node.target)(*rest, **kwargs)
