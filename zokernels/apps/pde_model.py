@@ -89,4 +89,6 @@ def rollout_loss_batched(step: Step, stacked: Sequence[torch.Tensor], start: tor
                          targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the corrected rollout against targets [B, n, 2, H, W], one value per query: [Q]."""
     frames = rollout_batched(step, stacked, start, targets.shape[1])
-    return (frames - targets.transpose(0, 1).unsqueeze(0)).pow(2).mean(dim=(1, 2, 3, 4, 5))
+    # The reduction runs in float64: ZO differences are ~mu*gradient, far below the loss's fp32 resolution.
+    error = (frames - targets.transpose(0, 1).unsqueeze(0)).double()
+    return error.pow(2).mean(dim=(1, 2, 3, 4, 5))

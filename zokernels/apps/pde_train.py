@@ -29,7 +29,7 @@ class TrainSettings:
     batch_size: int = 8
     unroll: int = 4
     lr: float = 2e-3
-    mu: float = 5e-3
+    mu: float = 2e-5
     density: float = 0.25
     max_queries: int = 256
     engine: str = "batched"
@@ -135,7 +135,7 @@ def _zo_step(model: Corrector, solver: Step, start: torch.Tensor, targets: torch
 
 def _fo_sol_step(model: Corrector, twin: Step, start: torch.Tensor, targets: torch.Tensor) -> float:
     stacked = [p.unsqueeze(0) for p in model.parameters()]
-    loss = rollout_loss_batched(twin, stacked, start, targets)[0]
+    loss = rollout_loss_batched(twin, stacked, start, targets)[0].float()
     loss.backward()
     return loss.item()
 
@@ -166,6 +166,8 @@ def train_corrector(method: str, model: Corrector, references: torch.Tensor, sol
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
     pairs = offline_pairs(solver, references) if method == "non" else None
+    # Masks get their own stream, so every method sees the same training windows in the same order.
+    mask_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     for step in range(1, settings.steps + 1):
         optimizer.zero_grad(set_to_none=True)
         if method == "non":
@@ -175,7 +177,7 @@ def train_corrector(method: str, model: Corrector, references: torch.Tensor, sol
             if method == "fo-sol":
                 loss = _fo_sol_step(model, twin, start, targets)
             else:
-                loss = _zo_step(model, solver, start, targets, settings, generator)
+                loss = _zo_step(model, solver, start, targets, settings, mask_generator)
         optimizer.step()
         schedule.step()
         if on_step is not None:
