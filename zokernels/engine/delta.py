@@ -56,9 +56,11 @@ def base_like(base: torch.Tensor, delta: Delta) -> torch.Tensor:
 
 # ---- elementwise nonlinearities ------------------------------------------------------------------------------
 def relu_delta(x: torch.Tensor, delta: Delta) -> Delta:
-    xb, d = base_like(x, delta), delta.values
-    # relu(x+δ) − relu(x) = max(δ, −x) where x > 0, else max(x + δ, 0): one rounding, no cancellation.
-    return Delta(torch.where(xb > 0, torch.maximum(d, -xb), torch.clamp(xb + d, min=0)), delta.channels)
+    xb = base_like(x, delta)
+    # relu(x+δ) − relu(x) = max(δ, −x) + min(x, 0): one rounding at most, no cancellation, two passes.
+    out = torch.maximum(delta.values, -xb)
+    out.add_(xb.clamp(max=0))
+    return Delta(out, delta.channels)
 
 
 def tanh_delta(x: torch.Tensor, delta: Delta) -> Delta:
@@ -76,24 +78,29 @@ def elementwise_delta(fn, x: torch.Tensor, delta: Delta) -> Delta:
 # ---- batch normalization ------------------------------------------------------------------------------------
 def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | None, eps: float) -> Delta:
     """BN with batch statistics, per replica: the change of the output when the input changes by δ, computed from
-    δ directly (mean and variance changes are formed without subtracting large numbers)."""
+    δ directly (mean and variance changes are formed without subtracting large numbers).
+
+    With c = x − mean, r = sqrt(var + eps), δm = mean(δ), dc = δ − δm:
+      δvar = 2·mean(c·δ) + mean(dc²)   (mean(c) = 0),   r' = sqrt(r² + δvar),
+      δy/γ = c·(1/r' − 1/r) + dc/r' = a·δ + b·c + e   with a = 1/r', b = −δvar/(r r' (r + r')), e = −δm/r'."""
     first_spatial = 2 if delta.channels is not None else 3
     reduce = (1,) + tuple(range(first_spatial, delta.values.dim()))  # over B and spatial, per replica, channel
-    xb = base_like(x, delta)
     base_reduce = tuple(d for d in range(x.dim()) if d != 1)
-    mean = x.mean(dim=base_reduce)
-    var = x.var(dim=base_reduce, unbiased=False)
-    centered = xb - per_channel(mean, delta, x)
+    mean, var = x.mean(dim=base_reduce), x.var(dim=base_reduce, unbiased=False)
+    centered = base_like(x - mean.view(1, -1, *([1] * (x.dim() - 2))), delta)
     d_mean = delta.values.mean(dim=reduce, keepdim=True)
-    d_centered = delta.values - d_mean
-    d_var = 2 * (centered * d_centered).mean(dim=reduce, keepdim=True) + d_centered.square().mean(
-        dim=reduce, keepdim=True)
+    cross = (centered * delta.values).mean(dim=reduce, keepdim=True)
+    spread = delta.values.square().mean(dim=reduce, keepdim=True) - d_mean.square()
+    d_var = 2 * cross + spread.clamp(min=0)
     root = torch.sqrt(per_channel(var, delta, x) + eps)
     new_root = torch.sqrt(root.square() + d_var)
-    d_inv = -d_var / (root * new_root * (root + new_root))  # 1/new_root − 1/root
-    out = centered * d_inv + d_centered / new_root
+    a, b, e = 1 / new_root, -d_var / (root * new_root * (root + new_root)), -d_mean / new_root
     if weight is not None:
-        out = out * per_channel(weight, delta, x)
+        gamma = per_channel(weight, delta, x)
+        a, b, e = a * gamma, b * gamma, e * gamma
+    out = delta.values * a
+    out.addcmul_(centered, b)
+    out.add_(e)
     return Delta(out, delta.channels)
 
 
@@ -126,8 +133,9 @@ def conv2d_delta(delta: Delta, x: torch.Tensor, module: torch.nn.Conv2d) -> Delt
     k, batch = delta.replicas, x.shape[0]
     args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
     if delta.channels is None or module.groups != 1:
-        out = F.conv2d(delta.dense(x).reshape(k * batch, *x.shape[1:]), module.weight, None, groups=module.groups,
-                       **args)
+        inputs = delta.dense(x).reshape(k * batch, *x.shape[1:]).contiguous(memory_format=torch.channels_last)
+        weight = module.weight.contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(inputs, weight, None, groups=module.groups, **args)
         return Delta(out.view(k, batch, *out.shape[1:]))
     weight = module.weight.index_select(1, delta.channels).transpose(0, 1)  # [K, C_out, kh, kw]
     out = F.conv2d(delta.values.transpose(0, 1), weight.reshape(-1, 1, *weight.shape[2:]), None, groups=k, **args)

@@ -62,7 +62,13 @@ def run_base(captured: CapturedModel, inputs: tuple) -> torch.Tensor:
     """One ordinary forward through the real modules (so BN running statistics move as in a training forward),
     keeping every node's output."""
     captured.values.clear()
-    return _Recorder(captured).run(*inputs)
+    output = _Recorder(captured).run(*inputs)
+    # Deltas of 4-D activations are carried channels-last (convolutions run ~2x faster on CPU that way); the
+    # cached base values take the same layout so that elementwise rules read both in one order.
+    for node, value in captured.values.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+            captured.values[node] = value.contiguous(memory_format=torch.channels_last)
+    return output
 
 
 def _is_supported_dropout(module: nn.Module) -> bool:
