@@ -125,7 +125,7 @@ def test_cli_smoke(tmp_path, capsys):
                  "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0
-    for label in ("| SRC |", "| NON |", "| ZO-SOL |", "| FO-SOL |"):
+    for label in ("| SRC |", "| NON |", "| ZO-SOL |", "| FO-SOL |", "ZO-SOL vs NON: lower MAE on"):
         assert label in printed
     assert (tmp_path / "pde_fields.png").stat().st_size > 0
     assert (tmp_path / "corrector_zo-sol.pt").exists()

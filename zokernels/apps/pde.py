@@ -99,6 +99,19 @@ def plot_fields(test: torch.Tensor, rollouts: dict[str, torch.Tensor], out_path:
     return out_path
 
 
+def _print_paired(results: dict[str, torch.Tensor]) -> None:
+    """The methods share the test trajectories, so paired differences are the sharper comparison: the spread
+    between trajectories (the ± above) is mostly how hard each initial condition is."""
+    if "zo-sol" not in results:
+        return
+    zo = results["zo-sol"]
+    for method in (m for m in results if m != "zo-sol"):
+        diff = results[method] - zo
+        stderr = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+        print(f"ZO-SOL vs {LABELS[method]}: lower MAE on {(diff > 0).sum().item()}/{len(diff)} test trajectories, "
+              f"paired MAE difference {diff.mean().item():+.4f} ± {stderr:.4f} (s.e.)")
+
+
 def _train_method(method: str, args: argparse.Namespace, config: BurgersConfig, train: torch.Tensor, solver,
                   out: Path) -> Corrector:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
@@ -142,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         mae = results[method]
         print(f"| {LABELS[method]} | {mae.mean().item():.4f} ± {mae.std().item():.4f} |")
+    _print_paired(results)
     png = plot_fields(test, rollouts, out / "pde_fields.png")
     curves = {LABELS[m]: out / f"train_{m}.csv" for m in methods if m in METHODS}
     if curves:
