@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..estimators.cge import coordinate_indices
+from ..estimators.cge import estimate_each_parameter
 from ..estimators.common import QueryGuard
 from . import delta as rules
 from .delta import Delta
@@ -131,8 +131,14 @@ def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use:
     raise EngineUnavailable("the traced graph has no output node")
 
 
+def cached_bytes(captured: CapturedModel) -> int:
+    return sum(v.numel() * v.element_size() for v in captured.values.values() if isinstance(v, torch.Tensor))
+
+
 def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes: int) -> int:
-    """K from the memory budget: the largest activation after `start`, times the live temporaries."""
+    """K from the memory budget left after the cached base activations: the largest activation after `start`,
+    times the live temporaries, per replica."""
+    max_memory_bytes = max_memory_bytes - cached_bytes(captured)
     begin = captured.nodes.index(start)
     largest = max((v.numel() * v.element_size() for n, v in captured.values.items()
                    if isinstance(v, torch.Tensor) and captured.nodes.index(n) >= begin), default=1)
@@ -146,6 +152,7 @@ def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_
     return head.change(outputs, out, base_loss, f"the queries of {name}[{chunk[0].item()}...]").cpu()
 
 
+@torch.no_grad()
 def _estimate_parameter(captured, head, site, name, param, indices, mu, central, base_loss, budget,
                         last_use) -> torch.Tensor:
     node, module, local = site
@@ -166,6 +173,7 @@ def _estimate_parameter(captured, head, site, name, param, indices, mu, central,
     return estimate.view_as(param).to(param.dtype)
 
 
+@torch.no_grad()
 def engine_base(captured: CapturedModel, batch: Any, head: Head, model_input: Callable[[Any], tuple],
                 guard: QueryGuard) -> float:
     """The base forward (through the real modules, caching every op's output) and the base loss."""
@@ -176,6 +184,7 @@ def engine_base(captured: CapturedModel, batch: Any, head: Head, model_input: Ca
     return head.base(outputs)
 
 
+@torch.no_grad()
 def engine_estimates(captured: CapturedModel, head: Head, mu: float, named, mask, scheme: str, base_loss: float,
                      max_memory_bytes: int | None, naive_parameter: Callable) -> tuple[dict[str, torch.Tensor], int]:
     """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates.
@@ -183,17 +192,12 @@ def engine_estimates(captured: CapturedModel, head: Head, mu: float, named, mask
     `naive_parameter(name, param, indices)` handles parameters the engine has no site for (e.g. a module called
     twice) with full evaluations."""
     sites, last_use = parameter_sites(captured), _last_uses(captured)
-    budget = max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES
-    estimates, n_coordinates = {}, 0
-    for name, param in named:
-        if mask is not None and name not in mask:
-            estimates[name] = torch.zeros_like(param)
-            continue
-        indices = coordinate_indices(param, None if mask is None else mask[name])
-        n_coordinates += indices.numel()
-        if name in sites:
-            estimates[name] = _estimate_parameter(captured, head, sites[name], name, param, indices, mu,
-                                                  scheme == "central", base_loss, budget, last_use)
-        else:
-            estimates[name] = naive_parameter(name, param, indices)
-    return estimates, n_coordinates
+    budget = DEFAULT_MAX_MEMORY_BYTES if max_memory_bytes is None else max_memory_bytes
+
+    def estimate_one(name, param, indices):
+        if name not in sites:
+            return naive_parameter(name, param, indices)
+        return _estimate_parameter(captured, head, sites[name], name, param, indices, mu, scheme == "central",
+                                   base_loss, budget, last_use)
+
+    return estimate_each_parameter(named, mask, estimate_one)

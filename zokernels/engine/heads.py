@@ -1,13 +1,12 @@
 """The loss at the end of the white-box model: its base value and its exact change for K output deltas."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..estimators.common import NonFiniteLossError
+from ..estimators.common import NonFiniteLossError, finite_scalar
 from .delta import Delta, cross_entropy_delta, mse_delta
 
 OutputLoss = Callable[[torch.Tensor, Any], Any]
@@ -15,14 +14,7 @@ BUILTIN_OUTPUT_LOSSES = ("cross_entropy", "mse")
 
 
 def _as_float(value: Any, what: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"output_loss must return a scalar, got shape {tuple(value.shape)} in {what}")
-        value = value.item()
-    value = float(value)
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"output_loss returned {value} during {what}; parameters and buffers were restored")
-    return value
+    return finite_scalar(value, "output_loss", what)
 
 
 class Head:

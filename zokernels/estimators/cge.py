@@ -51,9 +51,9 @@ def naive_parameter_estimator(model, batch, loss_fn, mu, central, guard, base_lo
     return estimate
 
 
-def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, named_params, mask,
-                 scheme: str, guard: QueryGuard, base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
-    """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates."""
+def estimate_each_parameter(named_params, mask, estimate_one) -> tuple[dict[str, torch.Tensor], int]:
+    """Runs estimate_one(name, param, flat_indices) on every parameter's selected coordinates; parameters missing
+    from the mask get zero. Returns the estimates and the number of coordinates."""
     estimates, n_coordinates = {}, 0
     for name, param in named_params:
         if mask is not None and name not in mask:
@@ -61,6 +61,12 @@ def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float,
             continue
         indices = coordinate_indices(param, None if mask is None else mask[name])
         n_coordinates += indices.numel()
-        estimates[name] = _cge_one_parameter(name, param, indices, base_loss, mu, scheme == "central", loss_fn,
-                                             model, batch, guard)
+        estimates[name] = estimate_one(name, param, indices)
     return estimates, n_coordinates
+
+
+def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, named_params, mask,
+                 scheme: str, guard: QueryGuard, base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
+    """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates."""
+    naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base_loss)
+    return estimate_each_parameter(named_params, mask, naive)

@@ -91,13 +91,18 @@ def evaluate_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any, query: st
     except Exception as error:
         error.add_note(f"zokernels: raised by loss_fn during {query}; parameters and buffers were restored")
         raise
+    return finite_scalar(value, "loss_fn", query)
+
+
+def finite_scalar(value: Any, source: str, query: str) -> float:
+    """A loss value (scalar tensor, numpy or Python number) as a finite float, or an error naming `source`."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"loss_fn must return a scalar, got a tensor of shape {tuple(value.shape)} in {query}")
+            raise ValueError(f"{source} must return a scalar, got a tensor of shape {tuple(value.shape)} in {query}")
         value = value.item()
     value = float(value)
     if not math.isfinite(value):
-        raise NonFiniteLossError(f"loss_fn returned {value} during {query}; parameters and buffers were restored")
+        raise NonFiniteLossError(f"{source} returned {value} during {query}; parameters and buffers were restored")
     return value
 
 
