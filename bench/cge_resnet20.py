@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
-import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +25,7 @@ from zokernels.models import resnet20
 from zokernels.reference import cge_ref
 from zokernels.sparsity import sample_masks, uniform_ratios, with_dense_coordinates
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cge_resnet20.csv"
-
+from benchlib import append_csv_rows, run_metadata
 
 def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
@@ -89,6 +84,7 @@ def sampled(indices: torch.Tensor, count: int, generator: torch.Generator) -> to
     return indices[torch.randperm(indices.numel(), generator=generator)[:count]]
 
 
+@torch.no_grad()
 def time_engine(model, batch, mask, sample, budget, generator):
     """Extrapolated engine step time and the estimates on the sampled coordinates."""
     captured = cge_engine.prepare(model)
@@ -111,6 +107,7 @@ def time_engine(model, batch, mask, sample, budget, generator):
     return total, samples, estimates
 
 
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -161,8 +158,7 @@ def main() -> None:
                                - oracle))
 
     row = {
-        "date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "batch": args.batch, "coordinates": n_coords,
+        **run_metadata(), "batch": args.batch, "coordinates": n_coords, "engine_sample": args.engine_sample,
         "forward_s": round(forward_s, 4), "engine_step_s": round(engine_s, 1), "baseline_step_s": round(baseline_s, 1),
         "engine_coords_per_s": round(n_coords / engine_s, 1), "baseline_coords_per_s": round(n_coords / baseline_s, 1),
         "engine_forward_equivalents": round(engine_s / forward_s, 1),
@@ -172,13 +168,7 @@ def main() -> None:
     }
     for key, value in row.items():
         print(f"{key:>30}: {value}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv_rows("cge_resnet20.csv", [row])
 
 
 if __name__ == "__main__":

@@ -7,20 +7,13 @@ bench/results/cge_small_cnn.csv with the machine, date and torch version."""
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import platform
-import time
-from pathlib import Path
-
 import torch
 from torch import nn
 
 import zokernels
 from zokernels.reference import cge_ref
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cge_small_cnn.csv"
-
+from benchlib import append_csv_rows, best_time, run_metadata
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
@@ -41,15 +34,6 @@ def random_mask(model: nn.Module, n_coords: int, generator: torch.Generator) -> 
     return mask
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -61,24 +45,18 @@ def main() -> None:
     batch = (torch.randn(args.batch, 1, 16, 16), torch.randint(0, 10, (args.batch,)))
     mask = random_mask(model, args.coords, torch.Generator().manual_seed(0))
     n = sum(int(m.sum()) for m in mask.values())
+    result = zokernels.cge_step(model, batch, mask=mask, update_running_stats=False)
     engine_s = best_time(lambda: zokernels.cge_step(model, batch, mask=mask, update_running_stats=False),
                          args.repeats)
     reference_s = best_time(lambda: cge_ref(model, batch, mask=mask), args.repeats)
     row = {
-        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "coordinates": n,
+        **run_metadata(), "batch": args.batch, "coordinates": n, "engine": result.engine,
         "engine_coords_per_s": round(n / engine_s, 1), "reference_coords_per_s": round(n / reference_s, 1),
         "ratio": round(reference_s / engine_s, 3),
     }
-    print(f"small CNN, batch {args.batch}, {n} coordinates: cge_step {row['engine_coords_per_s']} coords/s, "
+    print(f"small CNN, batch {args.batch}, {n} coordinates: cge_step ({result.engine} engine) {row['engine_coords_per_s']} coords/s, "
           f"naive reference {row['reference_coords_per_s']} coords/s, ratio {row['ratio']}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv_rows("cge_small_cnn.csv", [row])
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ of a fresh process) of one step of MeZO, MeZO-SVRG and first-order SGD. CSV: ben
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -23,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from zokernels import ZOSVRG, mezo_step  # noqa: E402
 from zokernels.apps import lm  # noqa: E402
 from zokernels.reference.mezo_ref import first_order_step  # noqa: E402
+
+from benchlib import append_csv_rows, best_time, run_metadata  # noqa: E402
 
 
 def setup(batch_size: int = 16, length: int = 64):
@@ -55,20 +54,11 @@ def mezo_reference_step(model, batch, mu: float, lr: float, seed: int) -> None:
         p.data.add_(z, alpha=-lr * g)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @torch.no_grad()
 def timing(repeats: int) -> list[dict]:
     model, batch = setup()
     n = sum(p.numel() for p in model.parameters())
-    forward = best_of(lambda: lm.classification_loss(model, batch), repeats)
+    forward = best_time(lambda: lm.classification_loss(model, batch), repeats)
     rows = []
     cases = {
         "mezo_reference_loop": lambda: mezo_reference_step(model, batch, 1e-3, 1e-7, 1),
@@ -78,7 +68,7 @@ def timing(repeats: int) -> list[dict]:
     }
     cases["zokernels_exact"]()  # builds the once-per-process libm fixup table outside the timing
     for name, fn in cases.items():
-        step = best_of(fn, repeats)
+        step = best_time(fn, repeats)
         rows.append({"case": name, "params": n, "step_s": step, "two_forwards_s": 2 * forward,
                      "outside_forward_s": max(step - 2 * forward, 0.0)})
     ref = rows[0]
@@ -127,16 +117,9 @@ def main() -> None:
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"peak RSS {method:13s} {memory[-1]['peak_rss_mib']:7.0f} MiB "
               f"(+{memory[-1]['step_extra_mib']:.0f} MiB during the step)")
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / "mezo_step.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(results / "mezo_memory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(memory[0]))
-        writer.writeheader()
-        writer.writerows(memory)
+    metadata = run_metadata()
+    append_csv_rows("mezo_step.csv", [{**metadata, **r} for r in rows])
+    append_csv_rows("mezo_memory.csv", [{**metadata, **m} for m in memory])
 
 
 if __name__ == "__main__":
