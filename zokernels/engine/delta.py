@@ -76,7 +76,16 @@ def elementwise_delta(fn, x: torch.Tensor, delta: Delta) -> Delta:
 
 
 # ---- batch normalization ------------------------------------------------------------------------------------
-def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | None, eps: float) -> Delta:
+def batch_statistics(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x − mean, sqrt(var + eps)) per channel over the batch and spatial dims: what BN in train mode uses. Depends
+    on the base only, so the engine computes it once per node and step."""
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+    return x - mean.view(1, -1, *([1] * (x.dim() - 2))), torch.sqrt(var + eps)
+
+
+def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | None,
+                          statistics: tuple[torch.Tensor, torch.Tensor]) -> Delta:
     """BN with batch statistics, per replica: the change of the output when the input changes by δ, computed from
     δ directly (mean and variance changes are formed without subtracting large numbers).
 
@@ -85,14 +94,13 @@ def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | 
       δy/γ = c·(1/r' − 1/r) + dc/r' = a·δ + b·c + e   with a = 1/r', b = −δvar/(r r' (r + r')), e = −δm/r'."""
     first_spatial = 2 if delta.channels is not None else 3
     reduce = (1,) + tuple(range(first_spatial, delta.values.dim()))  # over B and spatial, per replica, channel
-    base_reduce = tuple(d for d in range(x.dim()) if d != 1)
-    mean, var = x.mean(dim=base_reduce), x.var(dim=base_reduce, unbiased=False)
-    centered = base_like(x - mean.view(1, -1, *([1] * (x.dim() - 2))), delta)
+    centered_base, root_base = statistics
+    centered = base_like(centered_base, delta)
     d_mean = delta.values.mean(dim=reduce, keepdim=True)
     cross = (centered * delta.values).mean(dim=reduce, keepdim=True)
     spread = delta.values.square().mean(dim=reduce, keepdim=True) - d_mean.square()
     d_var = 2 * cross + spread.clamp(min=0)
-    root = torch.sqrt(per_channel(var, delta, x) + eps)
+    root = per_channel(root_base, delta, x)
     new_root = torch.sqrt(root.square() + d_var)
     a, b, e = 1 / new_root, -d_var / (root * new_root * (root + new_root)), -d_mean / new_root
     if weight is not None:

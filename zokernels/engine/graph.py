@@ -28,13 +28,25 @@ class _Tracer(fx.Tracer):
         return isinstance(module, ShortcutA) or super().is_leaf_module(module, qualified_name)
 
 
+class NodeValues(dict):
+    """node -> base output; `derived` keeps per-step quantities computed from base values (BN statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.derived: dict = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self.derived.clear()
+
+
 @dataclass
 class CapturedModel:
     """The traced graph, the module of every call_module node, and the base value of every node."""
 
     graph_module: fx.GraphModule
     nodes: list[fx.Node]
-    values: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    values: NodeValues = field(default_factory=NodeValues)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
@@ -150,7 +162,10 @@ def _linear(node, values, deltas, module: nn.Linear):
 def _batchnorm(node, values, deltas, module):
     x, delta = _first(node, values, deltas)
     if rules.batchnorm_uses_batch_stats(module):
-        return rules.batchnorm_train_delta(x, delta, module.weight, module.eps)
+        key = (node, "batch_statistics")
+        if key not in values.derived:
+            values.derived[key] = rules.batch_statistics(x, module.eps)
+        return rules.batchnorm_train_delta(x, delta, module.weight, values.derived[key])
     return rules.batchnorm_eval_delta(x, delta, module)
 
 
