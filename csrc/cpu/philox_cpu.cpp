@@ -210,6 +210,20 @@ const LibmFixups& libm_fixups() {
   return fixups;
 }
 
+// fp16 / bf16 tensors: load to fp32, add in fp32, round once to the storage type (and write θ − d when asked).
+template <typename ToFloat, typename FromFloat>
+void axpy_16bit_chunk(const Chunk& c, const TensorView& t, uint64_t seed, const StreamTerm* terms, int n_terms,
+                      ToFloat to_float, FromFloat from_float) {
+  uint16_t* p = static_cast<uint16_t*>(t.data);
+  const uint16_t* src = t.src ? static_cast<const uint16_t*>(t.src) : p;
+  uint16_t* m = static_cast<uint16_t*>(t.minus);
+  axpy_chunk(c, seed, terms, n_terms, t.offset, [src, to_float](int64_t i) { return to_float(src[i]); },
+             [p, m, from_float](int64_t i, float x, float d) {
+               p[i] = from_float(x + d);
+               if (m) m[i] = from_float(x - d);
+             });
+}
+
 }  // namespace
 
 int64_t box_muller_mismatches_cpu() { return libm_fixups().count; }
@@ -350,28 +364,12 @@ void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed
                    });
         break;
       }
-      case DType::kFloat16: {
-        uint16_t* p = static_cast<uint16_t*>(t.data);
-        const uint16_t* src = t.src ? static_cast<const uint16_t*>(t.src) : p;
-        uint16_t* m = static_cast<uint16_t*>(t.minus);
-        axpy_chunk(c, seed, term_ptr, n_terms, t.offset, [src](int64_t i) { return half_to_float(src[i]); },
-                   [p, m](int64_t i, float x, float d) {
-                     p[i] = float_to_half(x + d);
-                     if (m) m[i] = float_to_half(x - d);
-                   });
+      case DType::kFloat16:
+        axpy_16bit_chunk(c, t, seed, term_ptr, n_terms, half_to_float, float_to_half);
         break;
-      }
-      case DType::kBFloat16: {
-        uint16_t* p = static_cast<uint16_t*>(t.data);
-        const uint16_t* src = t.src ? static_cast<const uint16_t*>(t.src) : p;
-        uint16_t* m = static_cast<uint16_t*>(t.minus);
-        axpy_chunk(c, seed, term_ptr, n_terms, t.offset, [src](int64_t i) { return bf16_to_float(src[i]); },
-                   [p, m](int64_t i, float x, float d) {
-                     p[i] = float_to_bf16(x + d);
-                     if (m) m[i] = float_to_bf16(x - d);
-                   });
+      case DType::kBFloat16:
+        axpy_16bit_chunk(c, t, seed, term_ptr, n_terms, bf16_to_float, float_to_bf16);
         break;
-      }
     }
   }
 }
