@@ -136,9 +136,10 @@ def cached_bytes(captured: CapturedModel) -> int:
 
 
 def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes: int) -> int:
-    """K from the memory budget left after the cached base activations: the largest activation after `start`,
-    times the live temporaries, per replica."""
-    max_memory_bytes = max_memory_bytes - cached_bytes(captured)
+    """K from the memory budget left after the cached base activations and what is derived from them later (BN
+    statistics, unfolded conv inputs: about as much again): the largest activation after `start`, times the live
+    temporaries, per replica."""
+    max_memory_bytes = max_memory_bytes - 2 * cached_bytes(captured)
     begin = captured.nodes.index(start)
     largest = max((v.numel() * v.element_size() for n, v in captured.values.items()
                    if isinstance(v, torch.Tensor) and captured.nodes.index(n) >= begin), default=1)
