@@ -68,13 +68,15 @@ def sparse_mask(model, fraction, seed=0):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_engine_equals_naive_in_float64(case, scheme):
+@pytest.mark.parametrize("dense_mode", ["perturbed", "delta"])
+def test_engine_equals_naive_in_float64(case, scheme, dense_mode):
     make, shape = CASES[case]
     model = make().double()
     batch = classification_batch(torch.float64, n=6, shape=shape)
     mask = sparse_mask(model, 0.5) if case != "mlp_tanh" else None
     expected = cge_ref(model, batch, mu=1e-4, mask=mask, scheme=scheme)
-    result = zokernels.cge_step(model, batch, mu=1e-4, mask=mask, scheme=scheme, update_running_stats=False)
+    result = zokernels.cge_step(model, batch, mu=1e-4, mask=mask, scheme=scheme, update_running_stats=False,
+                                dense_mode=dense_mode)
     assert result.engine == "delta"
     for name, p in model.named_parameters():
         # the naive float64 difference itself carries ~1e-16·|L|/μ of rounding
@@ -90,7 +92,8 @@ def _max_error(estimates, oracle, mask):
     (lambda: small_cnn(3, in_channels=1), (1, 16, 16), 0.03),
     (tanh_mlp, (4,), 1.0),
 ])
-def test_float32_engine_error_at_most_naive_float32_error(make, shape, fraction):
+@pytest.mark.parametrize("dense_mode", ["perturbed", "delta"])
+def test_float32_engine_error_at_most_naive_float32_error(make, shape, fraction, dense_mode):
     model = make()
     model.train()
     batch = classification_batch(torch.float32, n=8, shape=shape, classes=3)
@@ -98,7 +101,7 @@ def test_float32_engine_error_at_most_naive_float32_error(make, shape, fraction)
     model64 = copy.deepcopy(model).double()
     oracle = {n: g.float() for n, g in cge_ref(model64, (batch[0].double(), batch[1]), mu=5e-3, mask=mask).items()}
     naive32 = cge_ref(model, batch, mu=5e-3, mask=mask)
-    zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False)
+    zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False, dense_mode=dense_mode)
     engine32 = {n: p.grad for n, p in model.named_parameters()}
     assert _max_error(engine32, oracle, mask) <= _max_error(naive32, oracle, mask)
 
@@ -181,6 +184,8 @@ def test_engine_selection_and_errors():
         zokernels.cge_step(model, batch, engine="delta")
     with pytest.raises(ValueError, match="needs output_loss"):
         zokernels.cge_step(tanh_mlp(), batch, loss_fn=zokernels.default_loss, engine="delta")
+    with pytest.raises(ValueError, match="dense_mode must be one of"):
+        zokernels.cge_step(tanh_mlp(), batch, dense_mode="sparse")
     with pytest.raises(ValueError, match="engine must be one of"):
         zokernels.cge_step(tanh_mlp(), batch, engine="fast")
     with pytest.raises(ValueError, match="output_loss must be one of"):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from . import backends
-from .engine.cge_engine import EngineUnavailable, engine_base, engine_estimates, prepare
+from .engine.cge_engine import DENSE_MODES, EngineUnavailable, engine_base, engine_estimates, prepare
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import cge_estimate, naive_parameter_estimator
 from .estimators.common import (LossFn, QueryGuard, StepResult, check_choice, check_mask, check_mu, default_loss,
@@ -50,7 +50,7 @@ def _first_of_batch(batch: Any) -> tuple:
     return (batch[0],) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None):
+def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None, dense_mode: str):
     """The captured model when the delta engine will run, else None (with the reason warned or raised)."""
     if engine == "naive":
         return None
@@ -60,7 +60,7 @@ def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None):
                              "output to carry deltas to the loss")
         return None
     try:
-        return prepare(model)
+        return prepare(model, dense_mode)
     except EngineUnavailable as reason:
         if engine == "delta":
             raise RuntimeError(f"engine='delta' cannot run this model: {reason}") from None
@@ -72,7 +72,8 @@ def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None):
 def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
              mask: dict[str, torch.Tensor] | None = None, scheme: str = "forward", *,
              output_loss: str | OutputLoss | None = None, model_input: Callable[[Any], tuple] | None = None,
-             engine: str = "auto", max_memory_bytes: int | None = None, update_running_stats: bool = True,
+             engine: str = "auto", max_memory_bytes: int | None = None, dense_mode: str = "perturbed",
+             update_running_stats: bool = True,
              accumulate: bool = False, backend: str | None = None) -> StepResult:
     """Coordinate-wise gradient estimate, written into `.grad`.
 
@@ -84,7 +85,9 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     `output_loss(model(*model_input(batch)), batch)` with output_loss 'cross_entropy' (default), 'mse' or any
     callable, e.g. a black box (set `accepts_query_axis = True` on it to receive [K, B, ...] outputs at once).
     With output_loss, engine='auto' uses the delta engine (exact incremental queries, K coordinates per pass
-    within `max_memory_bytes`) whenever the model can be traced, else full evaluations.
+    within `max_memory_bytes`) whenever the model can be traced, else full evaluations. Once a convolution has
+    made a coordinate's change dense, dense_mode='perturbed' (default) carries x + δ through fused torch ops and
+    forms δ again at the loss; 'delta' keeps exact delta rules all the way (slower on CPU, slightly more exact).
 
     The base evaluation updates BN running statistics once (like a training forward) unless
     update_running_stats=False; the queries never do, and parameters are bit-identical afterwards even if the
@@ -93,6 +96,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     mu = check_mu(mu)
     check_choice("scheme", scheme, SCHEMES)
     check_choice("engine", engine, ENGINES)
+    check_choice("dense_mode", dense_mode, DENSE_MODES)
     if loss_fn is not None and output_loss is not None:
         raise ValueError("pass either loss_fn(model, batch) or output_loss(outputs, batch), not both")
     if isinstance(output_loss, str):
@@ -103,7 +107,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     mask = check_mask(mask, named)
     params = [p for _, p in named]
     used_backend = backends.resolve_backend(backend, _model_device(params))
-    captured = _choose_engine(engine, model, loss_fn)
+    captured = _choose_engine(engine, model, loss_fn, dense_mode)
     model_input = model_input or _first_of_batch
     head = Head(output_loss or "cross_entropy", batch)
     loss_fn = loss_fn or head.as_loss_fn(model_input)

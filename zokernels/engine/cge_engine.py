@@ -18,15 +18,21 @@ from .delta import Delta
 from .graph import CapturedModel, capture, engine_blockers, propagate, run_base
 from .heads import Head
 
-DEFAULT_MAX_MEMORY_BYTES = 1 << 30
+DEFAULT_MAX_MEMORY_BYTES = 4 << 30
 _TEMPORARIES_PER_ACTIVATION = 6  # live delta + rule intermediates, per replica
+# Past this many bytes per activation, larger passes run slower per sample on CPU (the working set leaves the
+# caches; ENVIRONMENT.md: one 8192-image batch is ~3x slower per image than 128-image chunks).
+PASS_ACTIVATION_BYTES = 64 << 20
 
 
 class EngineUnavailable(Exception):
     """The model cannot go through the delta engine; the message says why (the caller falls back)."""
 
 
-def prepare(model: nn.Module) -> CapturedModel:
+DENSE_MODES = ("perturbed", "delta")
+
+
+def prepare(model: nn.Module, dense_mode: str = "perturbed") -> CapturedModel:
     try:
         captured = capture(model)
     except Exception as error:  # fx raises many types for untraceable Python
@@ -34,6 +40,7 @@ def prepare(model: nn.Module) -> CapturedModel:
     blockers = engine_blockers(captured)
     if blockers:
         raise EngineUnavailable("; ".join(blockers))
+    captured.dense_mode = dense_mode
     return captured
 
 
@@ -143,7 +150,8 @@ def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes:
     begin = captured.nodes.index(start)
     largest = max((v.numel() * v.element_size() for n, v in captured.values.items()
                    if isinstance(v, torch.Tensor) and captured.nodes.index(n) >= begin), default=1)
-    return max(1, int(max_memory_bytes // (largest * _TEMPORARIES_PER_ACTIVATION)))
+    by_memory = int(max_memory_bytes // (largest * _TEMPORARIES_PER_ACTIVATION))
+    return max(1, min(by_memory, PASS_ACTIVATION_BYTES // largest))
 
 
 def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_loss, cache, last_use, name):

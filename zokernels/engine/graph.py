@@ -47,6 +47,7 @@ class CapturedModel:
     graph_module: fx.GraphModule
     nodes: list[fx.Node]
     values: NodeValues = field(default_factory=NodeValues)
+    dense_mode: str = "perturbed"  # how a dense δ is carried: 'perturbed' (x + δ, fused ops) or 'delta' (exact rules)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
@@ -101,6 +102,10 @@ def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delt
     inputs = [a for a in node.all_input_nodes if a in deltas]
     if not inputs:
         return None
+    if any(deltas[a].perturbed for a in inputs):
+        result = _propagate_perturbed(captured, node, deltas)
+        if result is not None:
+            return result
     values = captured.values
     if node.op == "call_module":
         rule = _module_rule(captured.module(node))
@@ -113,8 +118,16 @@ def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delt
     if rule is not None and len(node.args) >= 1 and isinstance(node.args[0], fx.Node):
         result = rule(node, values, deltas)
         if result is not NotImplemented:
-            return result
+            return _maybe_perturbed(captured, node, result)
     return generic_delta(captured, node, deltas)
+
+
+def _maybe_perturbed(captured: CapturedModel, node: fx.Node, delta: Delta) -> Delta:
+    """Where a convolution has made δ dense, switch to the perturbed form if the capture asks for it."""
+    if captured.dense_mode == "perturbed" and delta.channels is None and not delta.perturbed \
+            and node.op == "call_module" and isinstance(captured.module(node), nn.Conv2d):
+        return Delta(captured.values[node].unsqueeze(0) + delta.values, perturbed=True)
+    return delta
 
 
 def _first(node: fx.Node, values, deltas) -> tuple[torch.Tensor, Delta | None]:
@@ -150,6 +163,41 @@ def _conv2d(node, values, deltas, module: nn.Conv2d):
     if any(a in deltas for a in node.all_input_nodes[1:]):
         return NotImplemented  # the rule covers a change of the input only
     return rules.conv2d_delta(deltas[node.args[0]], values[node.args[0]], module)
+
+
+PER_SAMPLE_MODULES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.Tanh, nn.Flatten, *ELEMENTWISE_MODULES, *POOL_MODULES,
+                      *CHANNEL_NONLINEAR_MODULES, ShortcutA, nn.Identity)
+PER_SAMPLE_FUNCTIONS = (*RELU_FUNCTIONS, torch.tanh, *FLATTEN_FUNCTIONS, *POOL_FUNCTIONS)
+
+
+def _propagate_perturbed(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta]) -> Delta | None:
+    """Dense stage in perturbed form: the node's own op on x + δ for all replicas at once. None where the op is
+    not known to act per sample (the caller then uses the delta rules or the generic fallback)."""
+    values = captured.values
+    load = lambda a: deltas[a].perturbed_values(values[a]) if a in deltas else values[a]  # noqa: E731
+    single = len(node.all_input_nodes) == 1 and node.args and node.args[0] is node.all_input_nodes[0]
+    if node.op == "call_module" and single and not node.kwargs and len(node.args) == 1:
+        module = captured.module(node)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            x = load(node.args[0])
+            if rules.batchnorm_uses_batch_stats(module):
+                return Delta(rules.batchnorm_train_perturbed(x, module), perturbed=True)
+            return Delta(rules.per_sample_apply(module, x), perturbed=True)
+        if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+            return Delta(rules.per_sample_apply(lambda t: rules.conv2d_channels_last(t, module),
+                                                load(node.args[0])), perturbed=True)
+        if isinstance(module, PER_SAMPLE_MODULES) or (isinstance(module, nn.Dropout) and not module.training):
+            return Delta(rules.per_sample_apply(module, load(node.args[0])), perturbed=True)
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+        a, b = (load(x) if isinstance(x, fx.Node) else x for x in node.args)
+        return Delta(a + b, perturbed=True)  # base operands broadcast over the replica axis
+    if single and ((node.op == "call_function" and node.target in PER_SAMPLE_FUNCTIONS)
+                   or (node.op == "call_method" and node.target in ("relu", "flatten"))):
+        rest = node.args[1:]
+        fn = (lambda t: node.target(t, *rest, **node.kwargs)) if node.op == "call_function" else \
+            (lambda t: getattr(t, node.target)(*rest, **node.kwargs))
+        return Delta(rules.per_sample_apply(fn, load(node.args[0])), perturbed=True)
+    return None
 
 
 def _linear(node, values, deltas, module: nn.Linear):

@@ -52,6 +52,8 @@ class Head:
 
     def change(self, outputs: torch.Tensor, delta: Delta, base_loss: float, what: str) -> torch.Tensor:
         """Loss(outputs + δ_k) − Loss(outputs) for each replica k, float64 [K]."""
+        if delta.perturbed:
+            delta = Delta(delta.dense(outputs))
         if self.output_loss == "cross_entropy":
             change = cross_entropy_delta(outputs, self.targets(), delta).double()
         elif self.output_loss == "mse":
