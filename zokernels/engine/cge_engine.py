@@ -32,7 +32,7 @@ class EngineUnavailable(Exception):
 DENSE_MODES = ("perturbed", "delta")
 
 
-def prepare(model: nn.Module, dense_mode: str = "perturbed") -> CapturedModel:
+def prepare(model: nn.Module, dense_mode: str = "delta") -> CapturedModel:
     try:
         captured = capture(model)
     except Exception as error:  # fx raises many types for untraceable Python

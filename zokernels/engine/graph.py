@@ -47,7 +47,7 @@ class CapturedModel:
     graph_module: fx.GraphModule
     nodes: list[fx.Node]
     values: NodeValues = field(default_factory=NodeValues)
-    dense_mode: str = "perturbed"  # how a dense δ is carried: 'perturbed' (x + δ, fused ops) or 'delta' (exact rules)
+    dense_mode: str = "delta"  # how a dense δ is carried: 'delta' (exact rules) or 'perturbed' (x + δ, own ops)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
