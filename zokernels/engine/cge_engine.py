@@ -117,14 +117,14 @@ def _perturbed_module_delta(captured, node, module, local, idx, h) -> Delta:
 
 
 def _last_uses(captured: CapturedModel) -> dict[fx.Node, int]:
-    position = {n: i for i, n in enumerate(captured.nodes)}
+    position = captured.position
     return {n: max((position[u] for u in n.users), default=position[n]) for n in captured.nodes}
 
 
 def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use: dict[fx.Node, int]) -> Delta:
     """Carries `seed` (the delta of `start`'s output) to the model output, freeing deltas after their last use."""
     deltas: dict[fx.Node, Delta] = {start: seed}
-    begin = captured.nodes.index(start) + 1
+    begin = captured.position[start] + 1
     for position, node in enumerate(captured.nodes[begin:], start=begin):
         if node.op == "output":
             result = deltas.get(node.args[0])
@@ -147,9 +147,9 @@ def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes:
     statistics, unfolded conv inputs: about as much again): the largest activation after `start`, times the live
     temporaries, per replica."""
     max_memory_bytes = max_memory_bytes - 2 * cached_bytes(captured)
-    begin = captured.nodes.index(start)
+    begin = captured.position[start]
     largest = max((v.numel() * v.element_size() for n, v in captured.values.items()
-                   if isinstance(v, torch.Tensor) and captured.nodes.index(n) >= begin), default=1)
+                   if isinstance(v, torch.Tensor) and captured.position[n] >= begin), default=1)
     by_memory = int(max_memory_bytes // (largest * _TEMPORARIES_PER_ACTIVATION))
     return max(1, min(by_memory, PASS_ACTIVATION_BYTES // largest))
 

@@ -48,6 +48,7 @@ class CapturedModel:
     nodes: list[fx.Node]
     values: NodeValues = field(default_factory=NodeValues)
     dense_mode: str = "delta"  # how a dense δ is carried: 'delta' (exact rules) or 'perturbed' (x + δ, own ops)
+    position: dict[fx.Node, int] = field(default_factory=dict)  # topological index of every node
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
@@ -57,7 +58,8 @@ def capture(model: nn.Module) -> CapturedModel:
     """Traces `model`; raises fx's error for models with data-dependent control flow (callers fall back)."""
     graph = _Tracer().trace(model)
     graph_module = fx.GraphModule(model, graph)
-    return CapturedModel(graph_module, list(graph.nodes))
+    nodes = list(graph.nodes)
+    return CapturedModel(graph_module, nodes, position={n: i for i, n in enumerate(nodes)})
 
 
 class _Recorder(fx.Interpreter):
@@ -202,8 +204,8 @@ def _propagate_perturbed(captured: CapturedModel, node: fx.Node, deltas: dict[fx
 
 def _linear(node, values, deltas, module: nn.Linear):
     x = values[node.args[0]]
-    if x.dim() != 2:
-        return rules.Delta(rules.linear_delta(Delta(deltas[node.args[0]].dense(x)), module).values)
+    if x.dim() != 2:  # the channel form is defined on dim 1, not a linear layer's last dim: go dense
+        return rules.linear_delta(Delta(deltas[node.args[0]].dense(x)), module)
     return rules.linear_delta(deltas[node.args[0]], module)
 
 
