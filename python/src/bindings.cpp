@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../../csrc/cpu/philox_cpu.h"
+#include "cuda_bindings.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -78,6 +79,13 @@ PYBIND11_MODULE(_C, m) {
 #else
       false;
 #endif
+#ifdef ZOKERNELS_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  zokernels_bindings::register_cuda_philox(m);
+  zokernels_bindings::register_cuda_cge(m);
   m.def("openmp_max_threads", &openmp_max_threads);
   m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
   m.def(
