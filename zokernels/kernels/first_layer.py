@@ -72,8 +72,9 @@ def _check(x, y, coords, linear: bool, geometry) -> None:
     checks.check_same("y", y, x, "x")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have x's batch size {x.shape[0]}, got shape {tuple(y.shape)}")
-    checks.check_tensor("coords", coords, dims=(2,), dtypes=(torch.int64, torch.int32))
-    if coords.shape[1] != 4 or coords.shape[0] == 0:
+    if not isinstance(coords, torch.Tensor) or coords.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"coords must be an int64/int32 tensor, got {getattr(coords, 'dtype', type(coords))}")
+    if coords.dim() != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
         raise ValueError(f"coords must have shape [K >= 1, 4] (o, c, kh, kw), got {tuple(coords.shape)}")
     low = coords.min(dim=0).values.tolist()
     high = coords.max(dim=0).values.tolist()
@@ -99,6 +100,9 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
     geometry = tuple(checks.pair(n, v) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
     _check(x, y, coords, linear, geometry)
     steps = checks.check_steps(steps, coords.shape[0], x)
+    if bn is not None and bn.train and y.numel() == y.shape[1]:
+        raise ValueError(f"BN in train mode needs more than one value per channel (as torch's batch_norm), got y "
+                         f"of shape {tuple(y.shape)}")
     chosen = choose_backend("first_layer_delta", IMPLEMENTED, backend, x.device)
     if chosen == "torch":
         return _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu)

@@ -14,8 +14,10 @@ IMPLEMENTED = ("cuda", "triton", "torch")
 
 
 def _check_channels(channels, k: int, n_in: int, device) -> torch.Tensor:
-    checks.check_tensor("channels", channels, dims=(1,), dtypes=(torch.int64, torch.int32))
-    if channels.shape[0] != k:
+    # a small index vector, copied below: any strides are fine
+    if not isinstance(channels, torch.Tensor) or channels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"channels must be an int64/int32 tensor, got {getattr(channels, 'dtype', type(channels))}")
+    if channels.shape != (k,):
         raise ValueError(f"channels must have one entry per replica ({k}), got shape {tuple(channels.shape)}")
     if k and (int(channels.min()) < 0 or int(channels.max()) >= n_in):
         raise ValueError(f"channels must lie in [0, {n_in}), got min {int(channels.min())}, "

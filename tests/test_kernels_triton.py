@@ -1,0 +1,290 @@
+"""Triton CGE kernels (TRITON_INTERPRET=1 on CPU, set by conftest) and the torch backend against the naive twins
+of zokernels/reference/kernels_ref.py, on fresh random inputs. float64 runs must agree to rounding (~1e-12
+relative): same formulas, different summation order. float32 runs are held to the float64 oracle."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zokernels.kernels.first_layer import BatchNormSpec, _channel_table, coords_from_flat, first_layer_delta
+from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
+from zokernels.reference.kernels_ref import first_layer_delta_ref, one_channel_conv2d_ref, one_channel_linear_ref
+
+pytest.importorskip("triton")
+BACKENDS = ("triton", "torch")
+F64 = torch.float64
+
+
+def random_coords(k, c_out, c_in, kh, kw, generator=None):
+    cols = [torch.randint(0, n, (k,), generator=generator) for n in (c_out, c_in, kh, kw)]
+    return torch.stack(cols, dim=1)
+
+
+def random_bn(kind, c_out, dtype=F64):
+    if kind is None:
+        return None
+    weight, bias = torch.rand(c_out, dtype=dtype) + 0.5, torch.randn(c_out, dtype=dtype)
+    if kind == "train":
+        return BatchNormSpec(True, 1e-5, weight, bias)
+    return BatchNormSpec(False, 1e-5, weight, bias, torch.randn(c_out, dtype=dtype), torch.rand(c_out, dtype=dtype) + 0.1)
+
+
+def conv_case(batch, c_in, hw, c_out, kernel, stride, padding, dilation=1, dtype=F64):
+    x = torch.randn(batch, c_in, *hw, dtype=dtype)
+    w = torch.randn(c_out, c_in, *kernel, dtype=dtype)
+    return x, F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+
+
+# ---- 1. fused first layer ------------------------------------------------------------------------------------
+FIRST_LAYER_CASES = [  # batch, c_in, (H, W), c_out, kernel, stride, padding, dilation, K
+    (3, 2, (7, 5), 4, (3, 3), 1, 1, 1, 5),
+    (2, 3, (9, 7), 3, (3, 3), 2, 1, 1, 1),
+    (1, 1, (1, 1), 1, (1, 1), 1, 0, 1, 1),  # numel 1
+    (5, 2, (11, 13), 2, (3, 2), 2, 0, 1, 3),
+    (2, 2, (8, 9), 3, (3, 3), 1, 2, 2, 4),  # dilation 2
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bn_kind", [None, "train", "eval"])
+@pytest.mark.parametrize("case", FIRST_LAYER_CASES)
+def test_first_layer_matches_twin_float64(case, bn_kind, backend):
+    batch, c_in, hw, c_out, kernel, stride, padding, dilation, k = case
+    x, y = conv_case(batch, c_in, hw, c_out, kernel, stride, padding, dilation)
+    coords = random_coords(k, c_out, c_in, *kernel)
+    steps = torch.randn(k, dtype=F64) * 0.3
+    bn = random_bn(bn_kind, c_out)
+    if bn_kind == "train" and batch * y.shape[2] * y.shape[3] == 1:
+        with pytest.raises(ValueError, match="more than one value per channel"):
+            first_layer_delta(x, y, coords, steps, stride, padding, dilation, bn, backend=backend)
+        return
+    for relu in (False, True):
+        ref = first_layer_delta_ref(x, y, coords, steps, (stride,) * 2, (padding,) * 2, (dilation,) * 2, bn, relu)
+        out = first_layer_delta(x, y, coords, steps, stride, padding, dilation, bn, relu, backend=backend)
+        assert out.shape == ref.shape == (k, batch, *y.shape[2:])
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_layer_float32_beats_naive_difference(backend):
+    """fp32 with small realistic steps: the fused exact rule's error vs the float64 oracle is at most the naive
+    fp32 difference relu(bn(y+δ)) − relu(bn(y))'s error (DESIGN.md numerics rule), and below 1e-5 of the scale."""
+    x, y = conv_case(8, 3, (9, 7), 4, (3, 3), 1, 1, dtype=torch.float32)
+    coords = random_coords(6, 4, 3, 3, 3)
+    steps = torch.randn(6) * 1e-3
+    bn32 = random_bn("train", 4, torch.float32)
+    bn64 = BatchNormSpec(True, 1e-5, bn32.weight.double(), bn32.bias.double())
+    geometry = ((1, 1), (1, 1), (1, 1))
+    oracle = first_layer_delta_ref(x.double(), y.double(), coords, steps.double(), *geometry, bn64, True)
+    naive = first_layer_delta_ref(x, y, coords, steps, *geometry, bn32, True).double()
+    out = first_layer_delta(x, y, coords, steps, 1, 1, 1, bn32, True, backend=backend).double()
+    error, naive_error = (out - oracle).abs().max(), (naive - oracle).abs().max()
+    assert error <= naive_error
+    assert error <= 1e-5 * oracle.abs().max()
+
+
+def test_first_layer_triton_equals_torch_rules_float32():
+    """The engine's unfused rules (torch backend) and the fused kernel: same formulas, fp32 rounding apart."""
+    x, y = conv_case(4, 3, (7, 7), 5, (3, 3), 2, 1, dtype=torch.float32)
+    coords, steps, bn = random_coords(4, 5, 3, 3, 3), torch.randn(4) * 0.1, random_bn("train", 5, torch.float32)
+    fused = first_layer_delta(x, y, coords, steps, 2, 1, 1, bn, True, backend="triton")
+    rules = first_layer_delta(x, y, coords, steps, 2, 1, 1, bn, True, backend="torch")
+    torch.testing.assert_close(fused, rules, rtol=1e-5, atol=1e-6 * rules.abs().max().item())
+
+
+@pytest.mark.parametrize("n_total", [15, 16, 17, 31])  # the sweep's BLOCK (16) minus 1, equal, plus 1; a prime
+def test_first_layer_block_edges(n_total):
+    from zokernels.kernels.triton.cge_first_layer import first_layer_delta_triton
+    x, y = conv_case(n_total, 2, (3, 3), 3, (3, 3), 1, 0)  # H' = W' = 1: B·H'·W' = n_total
+    coords, steps, bn = random_coords(3, 3, 2, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
+    chan, mode = _channel_table(y, bn)
+    out = torch.empty(3, n_total, 1, 1, dtype=F64)
+    geometry = ((1, 1), (0, 0), (1, 1))
+    first_layer_delta_triton(x, y, coords, steps, chan, out, geometry, mode, True, block=16)
+    torch.testing.assert_close(out, first_layer_delta_ref(x, y, coords, steps, *geometry, bn, True),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_layer_channels_last_inputs(backend):
+    x, y = conv_case(3, 4, (6, 5), 3, (3, 3), 1, 1)
+    coords, steps, bn = random_coords(3, 3, 4, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
+    ref = first_layer_delta_ref(x, y, coords, steps, (1, 1), (1, 1), (1, 1), bn, True)
+    cl = torch.channels_last
+    out = first_layer_delta(x.contiguous(memory_format=cl), y.contiguous(memory_format=cl), coords, steps, 1, 1,
+                            bn=bn, backend=backend)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bn_kind", [None, "train", "eval"])
+def test_first_layer_linear(bn_kind, backend):
+    x, weight = torch.randn(7, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
+    y = x @ weight.T
+    coords = coords_from_flat(torch.tensor([0, 14, 7, 3]), weight.shape)
+    steps, bn = torch.randn(4, dtype=F64), random_bn(bn_kind, 3)
+    ref = first_layer_delta_ref(x, y, coords, steps, bn=bn, relu=True)
+    out = first_layer_delta(x, y, coords, steps, bn=bn, backend=backend)
+    assert out.shape == (4, 7)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_coords_from_flat_matches_weight_layout():
+    weight = torch.zeros(4, 3, 2, 5)
+    flat = torch.randperm(weight.numel())[:9]
+    for (o, c, i, j), index in zip(coords_from_flat(flat, weight.shape).tolist(), flat.tolist()):
+        probe = weight.clone()
+        probe.view(-1)[index] = 1
+        assert probe[o, c, i, j] == 1
+
+
+def test_first_layer_matches_engine_seed_and_rules():
+    """Fed what the engine caches (conv input, conv output), the kernel gives what the engine's seed + BN + ReLU
+    rules give for the same flat coordinates: the engine can call it in place of those three steps."""
+    from zokernels.engine import delta as rules
+    from zokernels.engine.cge_engine import seed_delta
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.BatchNorm2d(3),
+                                torch.nn.ReLU()).double()
+    x = torch.randn(4, 2, 9, 7, dtype=F64)
+    y, indices, steps = model[0](x), torch.tensor([0, 17, 40, 53]), torch.randn(4, dtype=F64) * 0.1
+
+    class Node:  # the two attributes seed_delta reads from an fx node
+        args = ("x",)
+    captured = type("Captured", (), {"values": {"x": x, Node: y}})()
+    seed = seed_delta(captured, Node, model[0], "weight", indices, steps, {})
+    bn_out = model[1](y)
+    after_bn = rules.batchnorm_train_delta(y, seed, model[1].weight, rules.batch_statistics(y, model[1].eps))
+    expected = rules.relu_delta(bn_out, after_bn)
+    out = first_layer_delta(x, y, coords_from_flat(indices, model[0].weight.shape), steps, 2, 1,
+                            bn=BatchNormSpec.from_module(model[1]), backend="triton")
+    torch.testing.assert_close(out, expected.values, rtol=1e-10, atol=1e-12)
+    assert torch.equal(seed.channels, indices // 18)
+
+
+# ---- 2. one-channel mixing -----------------------------------------------------------------------------------
+MIXING_CASES = [  # K, batch, (H, W), C1, C2, kernel, stride, padding, dilation
+    (1, 1, (5, 5), 2, 3, (3, 3), 1, 1, 1),
+    (3, 2, (7, 5), 4, 6, (3, 3), 2, 0, 1),
+    (4, 3, (9, 11), 3, 5, (3, 3), 2, 1, 1),
+    (2, 2, (6, 7), 3, 4, (1, 1), 1, 0, 1),
+    (2, 1, (8, 9), 2, 3, (3, 2), 1, 2, 2),
+    (1, 1, (1, 1), 1, 1, (1, 1), 1, 0, 1),  # numel 1
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MIXING_CASES)
+def test_one_channel_conv2d_matches_twin(case, backend):
+    k, batch, hw, c1, c2, kernel, stride, padding, dilation = case
+    delta, weight = torch.randn(k, batch, *hw, dtype=F64), torch.randn(c2, c1, *kernel, dtype=F64)
+    channels = torch.randint(0, c1, (k,))
+    ref = one_channel_conv2d_ref(delta, channels, weight, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    for channels_last in (False, True):
+        out = one_channel_conv2d(delta, channels, weight, stride, padding, dilation, channels_last, backend=backend)
+        assert out.shape == ref.shape
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_one_channel_conv2d_float32_and_channels_last_weight():
+    """fp32: ≤ 9 taps summed in another order than torch's conv: a few ulp of the sum of |terms|."""
+    delta, weight = torch.randn(3, 2, 9, 8), torch.randn(5, 4, 3, 3)
+    channels = torch.tensor([3, 0, 3])
+    ref = one_channel_conv2d_ref(delta.double(), channels, weight.double(), (2, 2), (1, 1))
+    out = one_channel_conv2d(delta, channels, weight.contiguous(memory_format=torch.channels_last), 2, 1,
+                             backend="triton")
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=9 * 4 * 2.0**-24 * 9 * 4)
+
+
+@pytest.mark.parametrize("positions,c_out", [(15, 3), (16, 4), (17, 5)])  # BLOCK_P 16, BLOCK_C 4: −1, =, +1
+def test_one_channel_conv2d_block_edges(positions, c_out):
+    from zokernels.kernels.triton.cge_mixing import one_channel_conv2d_triton
+    delta, weight = torch.randn(2, 3, 1, positions, dtype=F64), torch.randn(c_out, 2, 1, 1, dtype=F64)
+    channels = torch.tensor([1, 0])
+    out = torch.empty(6, c_out, 1, positions, dtype=F64)
+    one_channel_conv2d_triton(delta, channels, weight, out, ((1, 1), (0, 0), (1, 1)), block_p=16, block_c=4)
+    torch.testing.assert_close(out, one_channel_conv2d_ref(delta, channels, weight), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,batch,n_in,n_out", [(1, 1, 1, 1), (3, 5, 4, 7), (2, 65, 3, 67)])
+def test_one_channel_linear_matches_twin(k, batch, n_in, n_out, backend):
+    delta, weight = torch.randn(k, batch, dtype=F64), torch.randn(n_out, n_in, dtype=F64)
+    channels = torch.randint(0, n_in, (k,))
+    out = one_channel_linear(delta, channels, weight, backend=backend)
+    torch.testing.assert_close(out, one_channel_linear_ref(delta, channels, weight), rtol=0, atol=0)
+
+
+def test_chained_first_layer_and_mixing_equals_dense_conv_of_dense_delta():
+    """First layer then mixing equals the next conv applied to the scattered (dense) delta, per replica."""
+    x, y = conv_case(2, 2, (6, 6), 3, (3, 3), 1, 1)
+    coords, steps, bn = random_coords(3, 3, 2, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
+    weight2 = torch.randn(4, 3, 3, 3, dtype=F64)
+    first = first_layer_delta(x, y, coords, steps, 1, 1, bn=bn, backend="triton")
+    mixed = one_channel_conv2d(first, coords[:, 0], weight2, 1, 1, backend="triton").view(3, 2, 4, 6, 6)
+    for k in range(3):
+        dense = torch.zeros(2, 3, 6, 6, dtype=F64)
+        dense[:, coords[k, 0]] = first[k]
+        torch.testing.assert_close(mixed[k], F.conv2d(dense, weight2, padding=1), rtol=1e-12, atol=1e-12)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def _first_layer_args():
+    x, y = conv_case(2, 2, (5, 5), 3, (3, 3), 1, 1)
+    return x, y, random_coords(2, 3, 2, 3, 3), torch.randn(2, dtype=F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_layer_rejects_non_contiguous(backend):
+    x, y, coords, steps = _first_layer_args()
+    with pytest.raises(ValueError, match="x must be contiguous or channels-last"):
+        first_layer_delta(x.transpose(2, 3), y, coords, steps, 1, 1, backend=backend)
+    with pytest.raises(ValueError, match="y must be contiguous or channels-last"):
+        first_layer_delta(x, y[:, :, ::2].repeat_interleave(2, 2)[:, :, :5].transpose(2, 3), coords, steps, 1, 1,
+                          backend=backend)
+
+
+def test_first_layer_bad_arguments():
+    x, y, coords, steps = _first_layer_args()
+    cases = [
+        (dict(x=x.int()), TypeError, "x must have dtype"),
+        (dict(y=y.float()), TypeError, "y must have the dtype of x"),
+        (dict(coords=coords.float()), TypeError, "coords must be an int64/int32"),
+        (dict(coords=coords[:, :3]), ValueError, r"coords must have shape \[K >= 1, 4\]"),
+        (dict(coords=coords[:0]), ValueError, r"coords must have shape \[K >= 1, 4\]"),
+        (dict(coords=coords + torch.tensor([3, 0, 0, 0])), ValueError, "coords out of range"),
+        (dict(steps=torch.randn(3, dtype=F64)), ValueError, r"steps must have shape \(2,\)"),
+        (dict(stride=0), ValueError, "stride and dilation must be >= 1"),
+        (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
+        (dict(backend="cpu"), ValueError, "has no 'cpu' implementation"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+        (dict(bn=BatchNormSpec(False, 1e-5)), ValueError, "running statistics"),
+    ]
+    for change, error, message in cases:
+        args = dict(x=x, y=y, coords=coords, steps=steps, stride=1, padding=1, backend="triton") | change
+        with pytest.raises(error, match=message):
+            first_layer_delta(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_backend_refused_with_reason():
+    x, y, coords, steps = _first_layer_args()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        first_layer_delta(x, y, coords, steps, 1, 1, backend="cuda")
+
+
+def test_mixing_bad_arguments():
+    delta, weight, channels = torch.randn(2, 3, 5, 5, dtype=F64), torch.randn(4, 3, 3, 3, dtype=F64), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="delta must be contiguous"):
+        one_channel_conv2d(delta.transpose(2, 3), channels, weight, backend="triton")
+    with pytest.raises(ValueError, match="weight must be contiguous or channels-last"):
+        one_channel_conv2d(delta, channels, weight.transpose(2, 3).transpose(0, 1), backend="triton")
+    with pytest.raises(ValueError, match=r"channels must lie in \[0, 3\)"):
+        one_channel_conv2d(delta, torch.tensor([0, 3]), weight, backend="triton")
+    with pytest.raises(ValueError, match=r"channels must have one entry per replica \(2\)"):
+        one_channel_conv2d(delta, torch.tensor([0]), weight, backend="triton")
+    with pytest.raises(ValueError, match="does not fit"):
+        one_channel_conv2d(delta[..., :2, :2].contiguous(), channels, weight, backend="triton")
+    with pytest.raises(TypeError, match="weight must have the dtype of delta"):
+        one_channel_linear(delta[:, :, 0, 0].contiguous(), channels, weight[:, :, 0, 0].float().contiguous())
+    with pytest.raises(ValueError, match="delta must be contiguous"):
+        one_channel_linear(delta[:, :, 0, 0], channels, weight[:, :, 0, 0].contiguous(), backend="triton")
