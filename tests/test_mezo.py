@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import zokernels
 from zokernels import NonFiniteLossError, ZOSVRG, mezo_step, philox
-from zokernels.reference.mezo_ref import mezo_step_ref
+from zokernels.reference.mezo_ref import add_combination_ref, mezo_step_ref
 
 
 def cpu_sampler(n, seed, stream, offset):
@@ -196,3 +196,118 @@ def test_param_filter_presets_select_only_those_parameters():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"0.bias", "1.weight", "1.bias", "2.bias"}
     assert zokernels.mezo_step is mezo_step
+
+
+# ---- the in-place mode's rounding bound (docs/lm.md, mezo.py docstring), on fresh random parameters ----
+
+MANTISSA_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}  # incl. the implicit bit
+MIN_EXPONENT = {torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` numbers at |x| (the gap above |x|'s binade start; subnormal spacing near 0), float64."""
+    x = x.double().abs()
+    _, exponent = torch.frexp(x)  # x = m·2^e, m in [0.5, 1); frexp(0) gives e = 0
+    exponent = torch.where(x == 0, MIN_EXPONENT[dtype], torch.clamp(exponent - 1, min=MIN_EXPONENT[dtype]))
+    return torch.pow(2.0, (exponent - MANTISSA_BITS[dtype] + 1).double())
+
+
+def random_params(dtype, seed):
+    """Fresh parameters whose magnitudes span 10^-3 … 10^1 (so roundings of every size occur)."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 10.0 ** (torch.rand(p.shape, generator=g) * 4 - 3)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ulp_helper_matches_nextafter(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(20000, generator=g) * 10.0 ** (torch.rand(20000, generator=g) * 12 - 9)).to(dtype)
+    x[:5] = 0
+    gap = torch.nextafter(x.abs(), torch.tensor(float("inf"), dtype=dtype)).double() - x.abs().double()
+    assert torch.equal(gap, ulp(x, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inplace_step_within_stated_ulp_bound_of_ideal_update(dtype, seed):
+    """q = 1: θ⁺ = fl(θ + d₁), θ⁻ = fl(θ⁺ − 2d₁), θ_new = fl(θ⁻ + d₃), d₁ = fl32(fl32(μ)z), d₃ = fl32(fl32(μ + c)z),
+    c = −lr·g (fl32(−2μ)z = −2d₁ exactly). Against the ideal θ + c·z (real arithmetic, same g):
+    |θ_new − θ − cz| ≤ ½[ulp(θ⁺) + ulp(θ⁻) + ulp(θ_new)] + 2⁻²³(|μz| + |(μ + c)z|) + h, and against the exact
+    mode's update θ_ref = fl(θ + fl32(fl32(c)z)) the doc's bound adds ½ulp(θ_ref) + 2⁻²³|cz| + h;
+    h = 2⁻²⁴(|θ⁺| + |θ⁻| + |θ_new| [+ |θ_ref|]) for fp16/bf16 (each sweep adds in fp32, then rounds: double
+    rounding), 0 for fp32."""
+    model = random_params(dtype, seed)
+    x = torch.randn(32, 40, generator=torch.Generator().manual_seed(10 + seed)).to(dtype)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(20 + seed))
+    theta = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def loss(m, batch):
+        seen.append([p.detach().clone() for p in m.parameters()])
+        return F.cross_entropy(m(batch[0]).float(), batch[1])
+
+    mu, lr, step_seed = 1e-2, 0.5, 1000 + seed  # large μ·z and lr·g·z so every term of the bound is exercised
+    result = mezo_step(model, (x, y), loss, mu=mu, lr=lr, seed=step_seed, q=1, mode="inplace")
+    (g,) = result.projected_grads
+    plus, minus = seen
+    c = -lr * g
+    offsets = philox.stream_offsets(theta)
+    worst_ideal, worst_ref, any_error = 0.0, 0.0, False
+    for i, (t0, tp, tm, tn) in enumerate(zip(theta, plus, minus, model.parameters())):
+        tn = tn.detach()
+        z = philox.philox_normal(t0.numel(), step_seed, 0, offsets[i]).view_as(t0).double()
+        ideal = t0.double() + c * z
+        t_ref = add_combination_ref(t0, offsets[i], step_seed, [(0, c)], cpu_sampler)
+        double_rounding = 2.0 ** -24 if dtype != torch.float32 else 0.0
+        bound_ideal = 0.5 * (ulp(tp, dtype) + ulp(tm, dtype) + ulp(tn, dtype)) \
+            + 2.0 ** -23 * (abs(mu) * z.abs() + abs(mu + c) * z.abs()) \
+            + double_rounding * (tp.double().abs() + tm.double().abs() + tn.double().abs())
+        bound_ref = bound_ideal + 0.5 * ulp(t_ref, dtype) + 2.0 ** -23 * abs(c) * z.abs() \
+            + double_rounding * t_ref.double().abs()
+        err_ideal = (tn.double() - ideal).abs()
+        err_ref = (tn.double() - t_ref.double()).abs()
+        assert torch.all(err_ideal <= bound_ideal * (1 + 1e-12)), (dtype, i, (err_ideal / bound_ideal).max())
+        assert torch.all(err_ref <= bound_ref * (1 + 1e-12)), (dtype, i, (err_ref / bound_ref).max())
+        worst_ideal = max(worst_ideal, float((err_ideal / bound_ideal).max()))
+        worst_ref = max(worst_ref, float((err_ref / bound_ref).max()))
+        any_error = any_error or bool((tn != t_ref).any())
+    # the bound is not vacuous: the in-place step does differ from the exact update, and uses a fair share of it
+    assert any_error
+    assert worst_ideal > 0.5 and worst_ref > 0.5, (worst_ideal, worst_ref)  # tight: 0.6–0.996 seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("failing_query", [1, 2])
+def test_inplace_failure_restores_within_ulp_bound(dtype, failing_query):
+    """A loss that raises at ℓ⁺ (query 1) or ℓ⁻ (query 2): the pending perturbation is undone by one sweep. The
+    z-terms cancel exactly (d₁ − 2d₁ + d₁), so only the sweeps' roundings remain:
+    |θ_restored − θ| ≤ ½[ulp(θ⁺) (+ ulp(θ⁻) when ℓ⁻ failed) + ulp(θ_restored)] (+ h as above)."""
+    model = random_params(dtype, 5)
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+    theta = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def loss(m, batch):
+        seen.append([p.detach().clone() for p in m.parameters()])
+        if len(seen) == failing_query:
+            raise RuntimeError("solver crashed")
+        return m(batch).float().square().mean()
+
+    with pytest.raises(RuntimeError, match="solver crashed"):
+        mezo_step(model, x, loss, mu=1e-2, lr=0.5, seed=77, q=1, mode="inplace")
+    moved = False
+    for i, (t0, tr) in enumerate(zip(theta, model.parameters())):
+        tr = tr.detach()
+        visited = [s[i] for s in seen]  # θ⁺ (and θ⁻)
+        double_rounding = 2.0 ** -24 if dtype != torch.float32 else 0.0
+        bound = 0.5 * (sum(ulp(v, dtype) for v in visited) + ulp(tr, dtype)) \
+            + double_rounding * (sum(v.double().abs() for v in visited) + tr.double().abs())
+        err = (tr.double() - t0.double()).abs()
+        assert torch.all(err <= bound * (1 + 1e-12)), (dtype, i, (err / bound).max())
+        moved = moved or bool((tr != t0).any())
+    assert moved  # in-place restore is not exact (the point of mode="exact"): the bound is what is promised

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -21,22 +22,43 @@ def bias_norm_head(name: str, param: torch.nn.Parameter) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or name.startswith("classifier")
 
 
+def head_only(name: str, param: torch.nn.Parameter) -> bool:
+    return name.startswith("classifier")
+
+
+PARAM_FILTERS = {"all": None, "bias_norm_head": bias_norm_head, "head": head_only}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "max_length", "budget_forwards", "q", "anchor_size", "eval_every",
+                 "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every_forwards is not None and args.eval_every_forwards < 1:
+        raise ValueError(f"--eval-every-forwards must be >= 1, got {args.eval_every_forwards}")
+    if args.method == "svrg" and args.anchor_size > args.n_train:
+        raise ValueError(f"--anchor-size must be <= --n-train ({args.n_train}), got {args.anchor_size}")
+
+
 def build(args: argparse.Namespace):
+    check_args(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = lm.load_model(args.model_dir)
+    model, tokenizer = lm.load_model(args.model_dir, getattr(args, "pooling", "auto"))
     model.eval()  # MeZO queries are deterministic forwards (no dropout), as in the MeZO code
-    splits = lm.load_tweets(args.n_train, args.n_val, args.n_test, args.seed)
+    splits = lm.load_tweets(args.n_train, args.n_val, args.n_test, args.seed, getattr(args, "balanced", False))
     data = {k: lm.encode(tokenizer, texts, labels, args.max_length) for k, (texts, labels) in splits.items()}
-    param_filter = bias_norm_head if args.params == "bias_norm_head" else None
+    param_filter = PARAM_FILTERS[args.params]
     if param_filter is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(param_filter(name, p))
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     optimizer = None
     if args.method == "svrg":
-        anchor = lm.take(data["train"], torch.arange(min(args.anchor_size, args.n_train)))
-        chunks = [lm.take(anchor, torch.arange(s, min(s + 32, len(anchor["labels"]))))
-                  for s in range(0, len(anchor["labels"]), 32)]
+        # the "full batch": the first anchor_size training examples (the split is already shuffled), in chunks of
+        # batch_size, so one chunk costs one forward of the budget's unit
+        anchor = lm.take(data["train"], torch.arange(args.anchor_size))
+        chunks = [lm.take(anchor, torch.arange(s, min(s + args.batch_size, args.anchor_size)))
+                  for s in range(0, args.anchor_size, args.batch_size)]
         optimizer = ZOSVRG(model, chunks, lm.classification_loss, q=args.q, lr_anchor=args.lr_anchor, lr=lr,
                            mu=args.mu, param_filter=param_filter, seed=args.seed)
     elif args.method == "fo":
@@ -54,8 +76,7 @@ def one_step(args, model, data, optimizer, lr, param_filter, step: int, generato
         return result.loss, result.num_queries
     if args.method == "svrg":
         result = optimizer.step(batch)
-        forwards = result.num_queries * (32 if result.anchor else args.batch_size) // args.batch_size
-        return result.loss, forwards
+        return result.loss, result.num_queries  # each query is one forward of at most batch_size examples
     model.train(False)
     return first_order_step(model, batch, lm.classification_loss, optimizer), FORWARDS_PER_STEP["fo"]
 
@@ -79,18 +100,29 @@ def run(args: argparse.Namespace) -> int:
         step, forwards, elapsed = step + 1, forwards + used, elapsed + time.perf_counter() - start
         bar.update(used)
         bar.set_postfix(loss=f"{loss:.4f}")
-        val = lm.accuracy(model, data["val"]) if step % args.eval_every == 0 else ""
-        log.append(step=step, forwards=forwards, train_loss=loss, val_acc=val, seconds=round(elapsed, 2))
+        if args.eval_every_forwards is not None:
+            due = forwards // args.eval_every_forwards > (forwards - used) // args.eval_every_forwards
+        else:
+            due = step % args.eval_every == 0
+        val_acc, val_loss = lm.evaluate(model, data["val"]) if due else ("", "")
+        log.append(step=step, forwards=forwards, train_loss=loss, val_acc=val_acc, val_loss=val_loss,
+                   seconds=round(elapsed, 2))
         if step % args.checkpoint_every == 0:
             lm_save(checkpoint, model, optimizer, generator, step, forwards, elapsed)
     bar.close()
     lm_save(checkpoint, model, optimizer, generator, step, forwards, elapsed)
-    test_acc, val_acc = lm.accuracy(model, data["test"]), lm.accuracy(model, data["val"])
-    print(f"method={args.method} steps={step} forwards={forwards} seconds={elapsed:.0f} "
-          f"val_acc={val_acc:.4f} test_acc={test_acc:.4f}")
+    (val_acc, val_loss), (test_acc, test_loss) = lm.evaluate(model, data["val"]), lm.evaluate(model, data["test"])
+    (train_acc, train_loss) = lm.evaluate(model, data["train"])
+    summary = {"method": args.method, "steps": step, "forwards": forwards, "seconds": round(elapsed, 1),
+               "lr": lr, "train_acc": train_acc, "train_loss": train_loss, "val_acc": val_acc, "val_loss": val_loss,
+               "test_acc": test_acc, "test_loss": test_loss,
+               "args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    (out / f"{args.method}_result.json").write_text(json.dumps(summary, indent=1))
+    print(f"method={args.method} steps={step} forwards={forwards} seconds={elapsed:.0f} train_loss={train_loss:.4f} "
+          f"val_acc={val_acc:.4f} val_loss={val_loss:.4f} test_acc={test_acc:.4f}")
     if args.plot:
         curves = {m: out / f"{m}.csv" for m in ("mezo", "svrg", "fo") if (out / f"{m}.csv").exists()}
-        print("plot:", plot_curves(curves, "forwards", ["train_loss", "val_acc"], out / "lm_curves.png",
+        print("plot:", plot_curves(curves, "forwards", ["train_loss", "val_loss", "val_acc"], out / "lm_curves.png",
                                    "sentiment fine-tuning"))
     return 0
 
