@@ -1,10 +1,16 @@
-// Counter-based Philox4x32-10 and the Box-Muller transform used by every backend.
+// Counter-based Philox4x32-10 and the Box-Muller transform used by every backend (definition: docs/philox.md).
 // z(seed, stream, i) is a pure function of its arguments, so a perturbation is regenerated from its seed
 // instead of stored, and the values do not depend on how the work is split into blocks or threads.
 // Header-only and torch-free so that the same code compiles for C++ (csrc/cpu) and CUDA (csrc/cuda).
+//
+// z v2: log, sin and cos are our own float32 formulas made only of correctly rounded +, -, *, sqrt, integer/bit
+// operations and exact int->float conversions, in a fixed order and never contracted to FMA. Every IEEE backend
+// (numpy, C++, CUDA, Triton) therefore computes the same bits; libm is not used. The coefficients below are the
+// single source of truth: zokernels/reference/philox_ref.py and zokernels/kernels/triton/philox_sweep.py copy
+// them and tests/test_philox_v2.py parses this header to check the copies.
 #pragma once
 #include <cstdint>
-#include <cmath>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define ZK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -13,6 +19,43 @@
 #endif
 
 namespace zokernels {
+
+// ln(1 + f) = f + f^2 * P(f), f in [sqrt(1/2) - 1, sqrt(2) - 1]; P(f) = sum kLogC<i> f^i.
+constexpr float kLogC0 = -0x1.fffffep-2f, kLogC1 = 0x1.555554p-2f, kLogC2 = -0x1.00020cp-2f;
+constexpr float kLogC3 = 0x1.99a012p-3f, kLogC4 = -0x1.548382p-3f, kLogC5 = 0x1.22ea5ap-3f;
+constexpr float kLogC6 = -0x1.0cda32p-3f, kLogC7 = 0x1.048f72p-3f, kLogC8 = -0x1.3a4ff6p-4f;
+// sin(pi x / 2) = x * S(x^2), cos(pi x / 2) = 1 + x^2 * C(x^2), |x| <= 1/2.
+constexpr float kSinC0 = 0x1.921fb6p+0f, kSinC1 = -0x1.4abbbap-1f, kSinC2 = 0x1.465ec4p-4f;
+constexpr float kSinC3 = -0x1.2d9b40p-8f;
+constexpr float kCosC0 = -0x1.3bd3ccp+0f, kCosC1 = 0x1.03c1eap-2f, kCosC2 = -0x1.55cb98p-6f;
+constexpr float kCosC3 = 0x1.db6492p-11f;
+// ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 12 trailing zero bits, so e * kLn2Hi is exact for the exponents used.
+constexpr float kLn2Hi = 0x1.62e300p-1f, kLn2Lo = 0x1.2fefa4p-17f;
+constexpr int32_t kSqrtHalfBits = 0x3F3504F3;  // fp32 bits of sqrt(1/2): mantissas are reduced to [sqrt 1/2, sqrt 2)
+
+// Correctly rounded fp32 operations. On the device the intrinsics are never fused into FMA whatever the flags;
+// on the host the build uses -ffp-contract=off (CMakeLists.txt).
+#if defined(__CUDA_ARCH__)
+ZK_HOST_DEVICE float zk_add(float a, float b) { return __fadd_rn(a, b); }
+ZK_HOST_DEVICE float zk_mul(float a, float b) { return __fmul_rn(a, b); }
+ZK_HOST_DEVICE float zk_sqrt(float a) { return __fsqrt_rn(a); }
+ZK_HOST_DEVICE int32_t zk_float_bits(float a) { return __float_as_int(a); }
+ZK_HOST_DEVICE float zk_bits_float(int32_t a) { return __int_as_float(a); }
+#else
+ZK_HOST_DEVICE float zk_add(float a, float b) { return a + b; }
+ZK_HOST_DEVICE float zk_mul(float a, float b) { return a * b; }
+ZK_HOST_DEVICE float zk_sqrt(float a) { return __builtin_sqrtf(a); }  // a >= 0 (or -0): no errno path needed
+ZK_HOST_DEVICE int32_t zk_float_bits(float a) {
+  int32_t bits;
+  std::memcpy(&bits, &a, 4);
+  return bits;
+}
+ZK_HOST_DEVICE float zk_bits_float(int32_t a) {
+  float f;
+  std::memcpy(&f, &a, 4);
+  return f;
+}
+#endif
 
 struct Uint4 {
   uint32_t x, y, z, w;
@@ -41,19 +84,50 @@ ZK_HOST_DEVICE Uint4 philox4x32_10(uint64_t block, uint64_t stream, uint64_t see
   return Uint4{c0, c1, c2, c3};
 }
 
-// Maps 32 random bits to a float in the open interval (0, 1): exact in fp32, never 0 (log(0) is avoided).
+// u = fl32((bits >> 8) * 2^-24 + 2^-25), in (0, 1]: the top argument rounds to exactly 1 (then z = +-0).
 ZK_HOST_DEVICE float uint_to_open_unit(uint32_t bits) {
-  return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
+  return zk_add(zk_mul(static_cast<float>(static_cast<int32_t>(bits >> 8)), 0x1p-24f), 0x1p-25f);
 }
 
-// Box-Muller on (a, b): writes two independent N(0, 1) samples.
+// -2 ln u for u in (0, 1]: u = m * 2^e with m in [sqrt 1/2, sqrt 2) from the bits; f = m - 1 is exact (Sterbenz).
+ZK_HOST_DEVICE float neg2log(float u) {
+  const int32_t shifted = zk_float_bits(u) - kSqrtHalfBits;
+  const float e = static_cast<float>(shifted >> 23);  // arithmetic shift: e <= 0
+  const float f = zk_add(zk_bits_float((shifted & 0x7FFFFF) + kSqrtHalfBits), -1.0f);
+  float p = kLogC8;
+  p = zk_add(zk_mul(p, f), kLogC7); p = zk_add(zk_mul(p, f), kLogC6); p = zk_add(zk_mul(p, f), kLogC5);
+  p = zk_add(zk_mul(p, f), kLogC4); p = zk_add(zk_mul(p, f), kLogC3); p = zk_add(zk_mul(p, f), kLogC2);
+  p = zk_add(zk_mul(p, f), kLogC1); p = zk_add(zk_mul(p, f), kLogC0);
+  const float log_m = zk_add(zk_add(zk_mul(zk_mul(f, f), p), zk_mul(e, kLn2Lo)), f);
+  return zk_mul(-2.0f, zk_add(log_m, zk_mul(e, kLn2Hi)));
+}
+
+// sin and cos of 2 pi (k + 1/2) / 2^24, k = bits >> 8: the nearest quarter turn j comes from k's top bits and the
+// remainder x = 4u - j = (2d + 1) / 2^23 is exact, so no rounding happens before the polynomials.
+ZK_HOST_DEVICE void sincos_2pi(uint32_t bits, float* sine, float* cosine) {
+  const int32_t k = static_cast<int32_t>(bits >> 8);
+  const int32_t j = (k + (1 << 21)) >> 22;
+  const float x = zk_mul(static_cast<float>(2 * (k - (j << 22)) + 1), 0x1p-23f);
+  const float x2 = zk_mul(x, x);
+  float s = kSinC3, c = kCosC3;
+  s = zk_add(zk_mul(s, x2), kSinC2); s = zk_add(zk_mul(s, x2), kSinC1); s = zk_add(zk_mul(s, x2), kSinC0);
+  c = zk_add(zk_mul(c, x2), kCosC2); c = zk_add(zk_mul(c, x2), kCosC1); c = zk_add(zk_mul(c, x2), kCosC0);
+  s = zk_mul(x, s);
+  c = zk_add(1.0f, zk_mul(x2, c));
+  const int32_t quadrant = j & 3;
+  const bool swap = (quadrant & 1) != 0;
+  const float cos_abs = swap ? s : c, sin_abs = swap ? c : s;
+  *cosine = (quadrant == 1 || quadrant == 2) ? -cos_abs : cos_abs;
+  *sine = (quadrant >= 2) ? -sin_abs : sin_abs;
+}
+
+// Box-Muller on (a, b): writes two independent N(0, 1) samples sqrt(-2 ln u1) * (cos, sin)(2 pi u2).
 ZK_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
-  const float u1 = uint_to_open_unit(a);
-  const float u2 = uint_to_open_unit(b);
-  const float radius = sqrtf(-2.0f * logf(u1));
-  const float angle = 6.28318548202514648f * u2;
-  *z0 = radius * cosf(angle);
-  *z1 = radius * sinf(angle);
+  const float radius = zk_sqrt(neg2log(uint_to_open_unit(a)));
+  float sine, cosine;
+  sincos_2pi(b, &sine, &cosine);
+  *z0 = zk_mul(radius, cosine);
+  *z1 = zk_mul(radius, sine);
 }
 
 // Element i of the stream uses lane i % 4 of Philox block i / 4; lanes (0,1) and (2,3) are Box-Muller pairs.

@@ -1,4 +1,4 @@
-// CPU Philox sweeps (see csrc/philox.h for the stream definition).
+// CPU Philox sweeps (see csrc/philox.h for the stream definition, docs/philox.md for the design).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -25,9 +25,6 @@ struct StreamTerm {
   float coeff;
 };
 
-// Arguments (of 2 x 2^24) where libm rounds differently from the vectorized Box-Muller; sweeps send those pairs to
-// libm. The first call builds the table (~1 s, 4 MiB).
-int64_t box_muller_mismatches_cpu();
 // philox_normal_at element by element: the scalar definition, for tests of the batched path.
 void philox_normal_scalar_cpu(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);
 void philox_uint32_cpu(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset);

@@ -109,10 +109,6 @@ PYBIND11_MODULE(_C, m) {
         return zokernels::philox_normal_sumsq_cpu(n, seed, stream, offset);
       },
       py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
-  m.def("box_muller_mismatches", [] {
-    py::gil_scoped_release release;
-    return zokernels::box_muller_mismatches_cpu();
-  });
   m.def(
       "philox_normal_scalar",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {

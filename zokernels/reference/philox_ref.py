@@ -1,15 +1,30 @@
 """Reference twin of csrc/philox.h in numpy: Philox4x32-10 plus Box-Muller, element i of a stream taken from
 lane i % 4 of counter block i // 4. It is also the torch backend's generator when `_C` is missing.
 
-The uint32 stream is bit-identical to the C++ one. The normals agree to a few ulp: the transform uses
-log/cos/sin, and numpy's float32 versions may round differently from glibc's (both are accurate to ~1 ulp).
+z v2 (docs/philox.md): the transcendental part of Box-Muller is our own float32 formula built only from correctly
+rounded +, −, ×, sqrt, integer/bit operations and exact int→float conversions, evaluated op by op in a fixed order.
+numpy float32 arithmetic is IEEE round-to-nearest op by op, so this twin is **bit-identical** to the C++, CUDA and
+Triton kernels. The coefficients are copied from csrc/philox.h (tests/test_philox_v2.py parses the header and checks
+that they match).
 """
 import numpy as np
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK32 = np.uint64(0xFFFFFFFF)
-_TWO_PI_F32 = np.float32(6.28318548202514648)
+_F = np.float32
+
+# ln(1 + f) = f + f² · P(f) on f ∈ [√½ − 1, √2 − 1]; P of degree 8 (Chebyshev interpolation, rounded to fp32).
+LOG_COEFFS = tuple(float.fromhex(h) for h in (
+    "-0x1.fffffep-2", "0x1.555554p-2", "-0x1.00020cp-2", "0x1.99a012p-3", "-0x1.548382p-3", "0x1.22ea5ap-3",
+    "-0x1.0cda32p-3", "0x1.048f72p-3", "-0x1.3a4ff6p-4"))
+# sin(πx/2) = x · S(x²), cos(πx/2) = 1 + x² · C(x²) on |x| ≤ ½; S and C of degree 3 in x².
+SIN_COEFFS = tuple(float.fromhex(h) for h in ("0x1.921fb6p+0", "-0x1.4abbbap-1", "0x1.465ec4p-4", "-0x1.2d9b40p-8"))
+COS_COEFFS = tuple(float.fromhex(h) for h in ("-0x1.3bd3ccp+0", "0x1.03c1eap-2", "-0x1.55cb98p-6", "0x1.db6492p-11"))
+# ln 2 = LN2_HI + LN2_LO with LN2_HI's low 12 mantissa bits zero, so e · LN2_HI is exact for |e| < 2^12.
+LN2_HI = float.fromhex("0x1.62e300p-1")
+LN2_LO = float.fromhex("0x1.2fefa4p-17")
+SQRT_HALF_BITS = 0x3F3504F3  # fp32 bits of √½: the mantissa is reduced to [√½, √2)
 
 
 def philox4x32_10_ref(block: np.ndarray, stream: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -35,8 +50,51 @@ def philox_uint32_ref(n: int, seed: int, stream: int = 0, offset: int = 0) -> np
     return lanes[(index & np.uint64(3)).astype(np.int64), np.arange(n)]
 
 
-def _open_unit(bits: np.ndarray) -> np.ndarray:
-    return (bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)
+def open_unit_ref(bits: np.ndarray) -> np.ndarray:
+    """u = fl32((bits >> 8) · 2^-24 + 2^-25): in (0, 1] (the top argument rounds to 1, where z = ±0)."""
+    return (bits >> np.uint32(8)).astype(np.float32) * _F(2.0**-24) + _F(2.0**-25)
+
+
+def _horner(x: np.ndarray, coeffs: tuple) -> np.ndarray:
+    acc = np.full_like(x, _F(coeffs[-1]))
+    for c in coeffs[-2::-1]:
+        acc = acc * x + _F(c)
+    return acc
+
+
+def neg2log_ref(u: np.ndarray) -> np.ndarray:
+    """−2 ln u for fp32 u in (0, 1]: u = m · 2^e with m ∈ [√½, √2), f = m − 1 exact (Sterbenz)."""
+    u = np.asarray(u, dtype=np.float32)
+    shifted = u.view(np.int32) - np.int32(SQRT_HALF_BITS)
+    e = (shifted >> np.int32(23)).astype(np.float32)
+    m = ((shifted & np.int32(0x7FFFFF)) + np.int32(SQRT_HALF_BITS)).view(np.float32)
+    f = m - _F(1.0)
+    log = ((f * f) * _horner(f, LOG_COEFFS) + e * _F(LN2_LO)) + f
+    return _F(-2.0) * (log + e * _F(LN2_HI))
+
+
+def sincos_2pi_ref(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sin, cos) of 2π·(k + ½)/2^24 with k = bits >> 8: the nearest quarter turn j from k's top bits, and the
+    exact remainder x = 4u − j = (2d + 1)/2^23, |x| ≤ ½, as an fp32 value."""
+    k = (np.asarray(bits, dtype=np.uint32) >> np.uint32(8)).astype(np.int32)
+    j = (k + np.int32(1 << 21)) >> np.int32(22)
+    x = (np.int32(2) * (k - (j << np.int32(22))) + np.int32(1)).astype(np.float32) * _F(2.0**-23)
+    x2 = x * x
+    s = x * _horner(x2, SIN_COEFFS)
+    c = _F(1.0) + x2 * _horner(x2, COS_COEFFS)
+    quadrant = j & np.int32(3)
+    swap = (quadrant & np.int32(1)) == 1
+    cos_abs, sin_abs = np.where(swap, s, c), np.where(swap, c, s)
+    cosine = np.where((quadrant == 1) | (quadrant == 2), -cos_abs, cos_abs)
+    sine = np.where(quadrant >= 2, -sin_abs, sin_abs)
+    return sine, cosine
+
+
+def box_muller_ref(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pair (z0, z1) = √(−2 ln u1) · (cos, sin)(2π u2) of two uint32 words, float32."""
+    radius = np.sqrt(neg2log_ref(open_unit_ref(np.asarray(a, dtype=np.uint32))))
+    sine, cosine = sincos_2pi_ref(b)
+    return radius * cosine, radius * sine
 
 
 def philox_normal_ref(n: int, seed: int, stream: int = 0, offset: int = 0) -> np.ndarray:
@@ -45,9 +103,5 @@ def philox_normal_ref(n: int, seed: int, stream: int = 0, offset: int = 0) -> np
     x, y, z, w = philox4x32_10_ref(index >> np.uint64(2), stream, seed)
     lane = (index & np.uint64(3)).astype(np.int64)
     first_pair = lane < 2
-    u1 = _open_unit(np.where(first_pair, x, z))
-    u2 = _open_unit(np.where(first_pair, y, w))
-    with np.errstate(all="ignore"):
-        radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-        angle = _TWO_PI_F32 * u2
-        return np.where(lane % 2 == 0, radius * np.cos(angle), radius * np.sin(angle)).astype(np.float32)
+    z0, z1 = box_muller_ref(np.where(first_pair, x, z), np.where(first_pair, y, w))
+    return np.where(lane % 2 == 0, z0, z1).astype(np.float32)

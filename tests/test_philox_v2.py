@@ -1,0 +1,77 @@
+"""z v2: the coefficients' single source of truth (csrc/philox.h), the accuracy bound of the float32 Box-Muller
+against float64 on the same uniforms, and the scalar/batched C++ paths against the numpy twin."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zokernels import backends
+from zokernels.reference import philox_ref
+
+HEADER = Path(__file__).resolve().parents[1] / "csrc" / "philox.h"
+needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available,
+                                   reason="zokernels._C not built (pure-Python install)")
+
+
+def _header_constants() -> dict[str, float]:
+    text = HEADER.read_text()
+    floats = {name: float.fromhex(value) for name, value in
+              re.findall(r"\b(k(?:Log|Sin|Cos)C\d|kLn2(?:Hi|Lo)) = (-?0x[0-9a-fA-F.]+p[-+]?\d+)f", text)}
+    floats["kSqrtHalfBits"] = int(re.search(r"kSqrtHalfBits = (0x[0-9A-Fa-f]+);", text).group(1), 16)
+    return floats
+
+
+def test_python_coefficients_equal_the_header():
+    header = _header_constants()
+    for prefix, coeffs in (("kLogC", philox_ref.LOG_COEFFS), ("kSinC", philox_ref.SIN_COEFFS),
+                           ("kCosC", philox_ref.COS_COEFFS)):
+        in_header = [header[name] for name in sorted(k for k in header if k.startswith(prefix))]
+        assert in_header == list(coeffs), prefix
+    assert (header["kLn2Hi"], header["kLn2Lo"]) == (philox_ref.LN2_HI, philox_ref.LN2_LO)
+    assert header["kSqrtHalfBits"] == philox_ref.SQRT_HALF_BITS
+    for value in list(philox_ref.LOG_COEFFS) + list(philox_ref.SIN_COEFFS) + list(philox_ref.COS_COEFFS):
+        assert float(np.float32(value)) == value  # exactly representable: every backend reads the same fp32
+
+
+def _all_uniform_words(stride: int = 1) -> np.ndarray:
+    return np.arange(0, 1 << 24, stride, dtype=np.uint32) << np.uint32(8)
+
+
+def test_neg2log_within_one_ulp_of_float64():
+    u = philox_ref.open_unit_ref(_all_uniform_words(stride=3))
+    got = philox_ref.neg2log_ref(u).astype(np.float64)
+    want = -2.0 * np.log(u.astype(np.float64))
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - want)[want > 0] / ulp[want > 0]) < 1.0
+    assert got[-1] == 0.0 or want[-1] > 0  # u = 1 (top word) gives radius 0, never NaN
+
+
+def test_sincos_within_9e8_of_float64_on_every_angle():
+    bits = _all_uniform_words()
+    sine, cosine = philox_ref.sincos_2pi_ref(bits)
+    angle = 2 * np.pi * ((bits >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
+    assert np.max(np.abs(sine - np.sin(angle))) < 9e-8
+    assert np.max(np.abs(cosine - np.cos(angle))) < 9e-8
+
+
+def test_box_muller_within_7e7_of_float64_on_the_same_uniforms():
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 2**32, 1 << 21, dtype=np.uint32) for _ in range(2))
+    z0, z1 = philox_ref.box_muller_ref(a, b)
+    radius = np.sqrt(-2.0 * np.log(philox_ref.open_unit_ref(a).astype(np.float64)))
+    angle = 2 * np.pi * ((b >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
+    assert np.max(np.abs(z0 - radius * np.cos(angle))) < 7e-7
+    assert np.max(np.abs(z1 - radius * np.sin(angle))) < 7e-7
+
+
+@needs_cpu_ext
+def test_cpu_scalar_definition_equals_reference_on_fresh_seeds():
+    rng = np.random.default_rng()
+    for _ in range(3):
+        seed, stream = (int(v) for v in rng.integers(0, 2**63, 2))
+        offset = int(rng.integers(0, 2**40))
+        got = np.empty(4099, dtype=np.float32)
+        backends._C.philox_normal_scalar(got.ctypes.data, got.size, seed, stream, offset)
+        want = philox_ref.philox_normal_ref(got.size, seed, stream, offset)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{seed} {stream} {offset}")
