@@ -4,13 +4,15 @@ inputs. float64: agreement to rounding (torch may fuse a multiply-add where the 
 import pytest
 import torch
 
+from zokernels.backends import _C, availability
 from zokernels.estimators.cge import coordinate_indices
 from zokernels.kernels.masked_sgd import DENSE_BLOCK, MaskedSGD, gather_mask_indices, masked_sgd_, scatter_grad_, \
     SGDHyper
 from zokernels.reference.kernels_ref import masked_gradients_ref, masked_sgd_ref
 
 pytest.importorskip("triton")
-BACKENDS = ("triton", "torch")
+HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_masked_sgd_cpu") and availability()["cpu"].available
+BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
 F64 = torch.float64
 SHAPES = [(3, 5), (7,), (1,), (2, 3, 3), (DENSE_BLOCK + 1,), (DENSE_BLOCK - 1,)]
 HYPERS = [
@@ -119,14 +121,15 @@ def test_coordinate_kernel_block_edges(n_selected):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("restrict", [False, True])
-def test_float32_triton_equals_torch_backend(restrict):
+def test_float32_kernels_equal_torch_backend(restrict, backend):
     """fp32: same operations in the same order per element; at most one rounding apart where torch fuses."""
     hyper = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
     params, masks = random_problem(torch.float32)
     index = gather_mask_indices(params, masks)
     a, b = [p.clone() for p in params], [p.clone() for p in params]
-    opt_a = MaskedSGD(a, restrict_to_mask=restrict, backend="triton", **hyper)
+    opt_a = MaskedSGD(a, restrict_to_mask=restrict, backend=backend, **hyper)
     opt_b = MaskedSGD(b, restrict_to_mask=restrict, backend="torch", **hyper)
     for _ in range(3):
         values = torch.randn(len(index))

@@ -5,12 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zokernels.backends import _C, availability
 from zokernels.kernels.first_layer import BatchNormSpec, _channel_table, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.kernels_ref import first_layer_delta_ref, one_channel_conv2d_ref, one_channel_linear_ref
 
 pytest.importorskip("triton")
-BACKENDS = ("triton", "torch")
+# cpu: the C++ twin of the CUDA kernels (csrc/cpu/cge_cpu.cpp, the per-element code the .cu files run)
+HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_first_layer_delta_cpu") and availability()["cpu"].available
+BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
+LINEAR_BACKENDS = ("triton", "torch")
 F64 = torch.float64
 
 
@@ -205,7 +209,7 @@ def test_one_channel_conv2d_block_edges(positions, c_out):
     torch.testing.assert_close(out, one_channel_conv2d_ref(delta, channels, weight), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("k,batch,n_in,n_out", [(1, 1, 1, 1), (3, 5, 4, 7), (2, 65, 3, 67)])
 def test_one_channel_linear_matches_twin(k, batch, n_in, n_out, backend):
     delta, weight = torch.randn(k, batch, dtype=F64), torch.randn(n_out, n_in, dtype=F64)
@@ -255,7 +259,6 @@ def test_first_layer_bad_arguments():
         (dict(steps=torch.randn(3, dtype=F64)), ValueError, r"steps must have shape \(2,\)"),
         (dict(stride=0), ValueError, "stride and dilation must be >= 1"),
         (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
-        (dict(backend="cpu"), ValueError, "has no 'cpu' implementation"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
         (dict(bn=BatchNormSpec(False, 1e-5)), ValueError, "running statistics"),
     ]
@@ -288,3 +291,17 @@ def test_mixing_bad_arguments():
         one_channel_linear(delta[:, :, 0, 0].contiguous(), channels, weight[:, :, 0, 0].float().contiguous())
     with pytest.raises(ValueError, match="delta must be contiguous"):
         one_channel_linear(delta[:, :, 0, 0], channels, weight[:, :, 0, 0].contiguous(), backend="triton")
+    with pytest.raises(ValueError, match="has no 'cpu' implementation"):
+        one_channel_linear(delta[:, :, 0, 0].contiguous(), channels, weight[:, :, 0, 0].contiguous(), backend="cpu")
+
+
+def test_default_backend_on_cpu_tensors_matches_twin():
+    """backend=None on CPU tensors: the C++ twin when _C has it, else torch (never the slow interpreter)."""
+    x, y, coords, steps = _first_layer_args()
+    bn = random_bn("train", 3)
+    ref = first_layer_delta_ref(x, y, coords, steps, (1, 1), (1, 1), (1, 1), bn, True)
+    torch.testing.assert_close(first_layer_delta(x, y, coords, steps, 1, 1, bn=bn), ref, rtol=1e-10, atol=1e-12)
+    delta, weight = torch.randn(2, 3, 5, 5, dtype=F64), torch.randn(4, 3, 3, 3, dtype=F64)
+    channels = torch.tensor([0, 2])
+    torch.testing.assert_close(one_channel_conv2d(delta, channels, weight, 2, 1),
+                               one_channel_conv2d_ref(delta, channels, weight, (2, 2), (1, 1)), rtol=1e-12, atol=1e-12)

@@ -6,4 +6,5 @@
 namespace zokernels_bindings {
 void register_cuda_philox(pybind11::module_& m);  // python/src/cuda_philox_bindings.cpp
 void register_cuda_cge(pybind11::module_& m);     // python/src/cuda_cge_bindings.cpp
+void register_cge_cpu(pybind11::module_& m);      // python/src/cge_cpu_bindings.cpp (always compiled)
 }  // namespace zokernels_bindings

@@ -12,11 +12,13 @@ _GPU_ORDER = ("cuda", "triton", "torch")
 _CPU_ORDER = ("cpu", "torch")
 
 
-def _refusal(name: str, device: torch.device) -> str | None:
-    """Why backend `name` cannot run an op on `device` (None when it can)."""
+def _refusal(name: str, device: torch.device, symbol: str | None = None) -> str | None:
+    """Why backend `name` cannot run an op on `device` (None when it can); `symbol`: the _C function it calls."""
     status = backends.availability()[name]
     if not status.available:
         return status.reason
+    if symbol is not None and not hasattr(backends._C, symbol):
+        return f"zokernels._C has no {symbol} (built from older sources: reinstall)"
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got tensors on {device}"
     if name == "cpu" and device.type != "cpu":
@@ -28,19 +30,21 @@ def _refusal(name: str, device: torch.device) -> str | None:
 
 
 def choose_backend(op: str, implemented: tuple[str, ...], requested: str | None, device: torch.device) -> str:
-    """The backend that runs `op` on `device`. `implemented` lists the backends `op` has."""
+    """The backend that runs `op` on `device`. `implemented` lists the backends `op` has; the compiled ones call
+    _C.<op>_cpu / _C.<op>_cuda."""
+    symbol = lambda name: f"{op}_{name}" if name in ("cpu", "cuda") else None  # noqa: E731
     if requested is not None:
         if requested not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {requested!r}")
         if requested not in implemented:
             raise ValueError(f"{op} has no {requested!r} implementation; it has {implemented}")
-        reason = _refusal(requested, device)
+        reason = _refusal(requested, device, symbol(requested))
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} cannot run: {reason}")
         return requested
     order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
     for name in order:
-        if name in implemented and _refusal(name, device) is None:
+        if name in implemented and _refusal(name, device, symbol(name)) is None:
             return name
     return "torch"
 

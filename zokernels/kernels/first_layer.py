@@ -1,7 +1,8 @@
 """Fused first-layer perturb-and-forward for K coordinates of one conv2d or linear weight: the exact change of
 the output channel o_k after BN (train: per-replica batch statistics; eval: running statistics) and ReLU, as the
 engine's channel-form Delta ([K, B, H', W'], channels o_k). See triton/cge_first_layer.py for the formulas; they
-are the engine's rules (engine/delta.py) fused. Backends: cuda, triton, torch (the rules, unfused)."""
+are the engine's rules (engine/delta.py) fused. Backends: cuda, triton, cpu (C++ twin of the CUDA kernel),
+torch (the rules, unfused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from . import checks
 from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
 
 BN_NONE, BN_TRAIN, BN_EVAL = 0, 1, 2
-IMPLEMENTED = ("cuda", "triton", "torch")
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
     if bn is not None and bn.train and y.numel() == y.shape[1]:
         raise ValueError(f"BN in train mode needs more than one value per channel (as torch's batch_norm), got y "
                          f"of shape {tuple(y.shape)}")
-    chosen = choose_backend("first_layer_delta", IMPLEMENTED, backend, x.device)
+    chosen = choose_backend("cge_first_layer_delta", IMPLEMENTED, backend, x.device)
     if chosen == "torch":
         return _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu)
     x4, y4 = (x[:, :, None, None], y[:, :, None, None]) if linear else (x, y)
@@ -114,18 +115,21 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
         from .triton.cge_first_layer import first_layer_delta_triton
         first_layer_delta_triton(x4, y4, coords64, steps, chan, out, geometry, bn_mode, relu)
     else:
-        _first_layer_delta_cuda(x4, y4, coords64, steps, chan, out, geometry, bn_mode, relu)
+        _first_layer_delta_compiled(chosen, x4, y4, coords64, steps, chan, out, geometry, bn_mode, relu)
     return out[..., 0, 0] if linear else out
 
 
-def _first_layer_delta_cuda(x, y, coords, steps, chan, out, geometry, bn_mode, relu) -> None:
+def _first_layer_delta_compiled(chosen, x, y, coords, steps, chan, out, geometry, bn_mode, relu) -> None:
+    """_C.cge_first_layer_delta_cuda (csrc/cuda/cge_first_layer.cu) or its C++ CPU twin (csrc/cpu/cge_cpu.cpp)."""
     from ..backends import _C
     shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], y.shape[3]]
-    strides = [*x.stride(), *y.stride()]
-    _C.cge_first_layer_delta_cuda(x.data_ptr(), y.data_ptr(), coords.data_ptr(), steps.data_ptr(), chan.data_ptr(),
-                                  out.data_ptr(), coords.shape[0], shape, strides,
-                                  [v for p in geometry for v in p], bn_mode, relu, DTYPE_CODES[x.dtype],
-                                  cuda_stream(x.device))
+    args = (x.data_ptr(), y.data_ptr(), coords.data_ptr(), steps.data_ptr(), chan.data_ptr(), out.data_ptr(),
+            coords.shape[0], shape, [*x.stride(), *y.stride()], [v for p in geometry for v in p], bn_mode, relu,
+            DTYPE_CODES[x.dtype])
+    if chosen == "cpu":
+        _C.cge_first_layer_delta_cpu(*args)
+    else:
+        _C.cge_first_layer_delta_cuda(*args, cuda_stream(x.device))
 
 
 def _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu) -> torch.Tensor:

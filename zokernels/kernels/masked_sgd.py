@@ -4,7 +4,7 @@ nesterov) either restricted to the mask (only selected coordinates move; their m
 dense (every coordinate takes SGD's step with gradient zero outside the mask — exactly torch.optim.SGD).
 
 Restricted: one launch over the index list (grad write + update fused). Dense: one launch scatters, one launch
-updates every element of every parameter. Backends: cuda, triton, torch."""
+updates every element of every parameter. Backends: cuda, triton, cpu (C++ twin of the CUDA kernels), torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import torch
 
 from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
 
-IMPLEMENTED = ("cuda", "triton", "torch")
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 DENSE_BLOCK = 1024
 
 
@@ -143,10 +143,13 @@ def _run(chosen, params, grads, buffers, index, values, hyper, update: bool, den
     tables = [_pointer_table(t, device) for t in (params, grads, buffers)]
     flags = [hyper.weight_decay != 0, hyper.momentum != 0, hyper.first_step, hyper.nesterov]
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
-    _C.cge_masked_sgd_cuda(*(t.data_ptr() for t in tables), numels.data_ptr(), len(params),
-                           index.param_ids.data_ptr(), index.elements.data_ptr(), values.data_ptr(), len(index),
-                           hyper.table.data_ptr(), update, dense, flags, DTYPE_CODES[params[0].dtype],
-                           cuda_stream(device))
+    args = (*(t.data_ptr() for t in tables), numels.data_ptr(), len(params), index.param_ids.data_ptr(),
+            index.elements.data_ptr(), values.data_ptr(), len(index), hyper.table.data_ptr(), update, dense,
+            max(p.numel() for p in params), flags, DTYPE_CODES[params[0].dtype])
+    if chosen == "cpu":
+        _C.cge_masked_sgd_cpu(*args)
+    else:
+        _C.cge_masked_sgd_cuda(*args, cuda_stream(device))
 
 
 def _torch_coordinates(params, grads, buffers, index, values, hyper, update: bool) -> None:
@@ -180,7 +183,7 @@ def masked_sgd_(params, index: MaskIndex, values: torch.Tensor, hyper: SGDHyper,
             b.shape != p.shape or b.dtype != p.dtype or not b.is_contiguous() for b, p in zip(buffers, params))):
         raise ValueError("buffers must hold one contiguous momentum buffer per parameter, of its shape and dtype")
     buffers = list(buffers) if hyper.momentum != 0 else params  # never read without momentum
-    chosen = choose_backend("masked_sgd_", IMPLEMENTED, backend, params[0].device)
+    chosen = choose_backend("cge_masked_sgd", IMPLEMENTED, backend, params[0].device)
     grads = _ensure_grads(params)
     with torch.no_grad():
         if chosen == "torch":
