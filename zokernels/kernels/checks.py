@@ -51,3 +51,9 @@ def check_steps(steps, k: int, like: torch.Tensor) -> torch.Tensor:
     if steps.shape != (k,):
         raise ValueError(f"steps must have shape ({k},) (one per coordinate), got {tuple(steps.shape)}")
     return steps.to(device=like.device, dtype=like.dtype).contiguous()
+
+
+def capturing() -> bool:
+    """True while a CUDA graph capture runs: data-dependent checks (which synchronize with the host) are skipped
+    then; they ran on the warm-up calls with the same shapes (zokernels/kernels/cuda_graph.py)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

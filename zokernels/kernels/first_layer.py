@@ -77,6 +77,14 @@ def _check(x, y, coords, linear: bool, geometry) -> None:
         raise TypeError(f"coords must be an int64/int32 tensor, got {getattr(coords, 'dtype', type(coords))}")
     if coords.dim() != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
         raise ValueError(f"coords must have shape [K >= 1, 4] (o, c, kh, kw), got {tuple(coords.shape)}")
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {geometry}")
+    if not checks.capturing():
+        _check_coordinate_range(x, y, coords, linear)
+
+
+def _check_coordinate_range(x, y, coords, linear: bool) -> None:
     low = coords.min(dim=0).values.tolist()
     high = coords.max(dim=0).values.tolist()
     if min(low) < 0 or high[0] >= y.shape[1] or high[1] >= x.shape[1]:
@@ -84,9 +92,6 @@ def _check(x, y, coords, linear: bool, geometry) -> None:
                          f"got min {low}, max {high}")
     if linear and (high[2] != 0 or high[3] != 0):
         raise ValueError("coords of a linear layer must have kh = kw = 0")
-    (sh, sw), (ph, pw), (dh, dw) = geometry
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {geometry}")
 
 
 def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, steps, stride=1, padding=0,

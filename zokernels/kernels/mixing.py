@@ -20,7 +20,7 @@ def _check_channels(channels, k: int, n_in: int, device) -> torch.Tensor:
         raise TypeError(f"channels must be an int64/int32 tensor, got {getattr(channels, 'dtype', type(channels))}")
     if channels.shape != (k,):
         raise ValueError(f"channels must have one entry per replica ({k}), got shape {tuple(channels.shape)}")
-    if k and (int(channels.min()) < 0 or int(channels.max()) >= n_in):
+    if k and not checks.capturing() and (int(channels.min()) < 0 or int(channels.max()) >= n_in):
         raise ValueError(f"channels must lie in [0, {n_in}), got min {int(channels.min())}, "
                          f"max {int(channels.max())}")
     return channels.to(device=device, dtype=torch.int64).contiguous()

@@ -1,0 +1,141 @@
+"""CUDA CGE kernels (csrc/cuda/cge_*.cu through _C) and the CUDA-graph query runner. The GPU tests are marked
+`gpu` (skipped with a reason by conftest where no GPU is visible); the rest check what must hold without one:
+the graph module imports, refuses clearly, and falls back to plain calls."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zokernels import backends
+from zokernels.kernels.cuda_graph import GraphedQuery, query_runner
+from zokernels.kernels.first_layer import BatchNormSpec, first_layer_delta
+from zokernels.kernels.masked_sgd import MaskedSGD, gather_mask_indices
+from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
+from zokernels.reference.kernels_ref import (first_layer_delta_ref, masked_gradients_ref, one_channel_conv2d_ref,
+                                             one_channel_linear_ref)
+
+F64 = torch.float64
+
+
+def cuda_backend_or_skip():
+    status = backends.availability()["cuda"]
+    if not status.available:
+        pytest.skip(f"cuda backend unavailable: {status.reason}")
+
+
+def conv_problem(device, dtype=F64, batch=5, hw=(11, 9), stride=2, padding=1, k=6):
+    x = torch.randn(batch, 3, *hw, dtype=dtype, device=device)
+    y = F.conv2d(x, torch.randn(4, 3, 3, 3, dtype=dtype, device=device), stride=stride, padding=padding)
+    coords = torch.stack([torch.randint(0, n, (k,)) for n in (4, 3, 3, 3)], dim=1).to(device)
+    steps = (torch.randn(k, dtype=dtype) * 0.2).to(device)
+    bn = BatchNormSpec(True, 1e-5, torch.rand(4, dtype=dtype, device=device) + 0.5,
+                       torch.randn(4, dtype=dtype, device=device))
+    return x, y, coords, steps, bn
+
+
+# ---- without a GPU --------------------------------------------------------------------------------------------
+def test_query_runner_calls_plainly_off_cuda():
+    calls = []
+    runner = query_runner(lambda a: calls.append(a) or a * 2, torch.device("cpu"))
+    assert not runner.use_graphs
+    assert torch.equal(runner(torch.ones(3)), torch.full((3,), 2.0)) and len(calls) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_graphed_query_refuses_without_gpu():
+    with pytest.raises(RuntimeError, match="GraphedQuery needs a CUDA GPU"):
+        GraphedQuery(lambda a: a, [torch.ones(2)])
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("bn_kind", [None, "train", "eval"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cuda_first_layer_matches_twin(bn_kind, dtype):
+    cuda_backend_or_skip()
+    x, y, coords, steps, bn = conv_problem("cuda", dtype)
+    if bn_kind is None:
+        bn = None
+    elif bn_kind == "eval":
+        bn = BatchNormSpec(False, 1e-5, bn.weight, bn.bias, torch.randn_like(bn.bias), torch.rand_like(bn.bias) + 0.1)
+    out = first_layer_delta(x, y, coords, steps, 2, 1, bn=bn, backend="cuda")
+    ref = first_layer_delta_ref(x.double().cpu(), y.double().cpu(), coords.cpu(), steps.double().cpu(), (2, 2),
+                                (1, 1), (1, 1), None if bn is None else BatchNormSpec(
+                                    bn.train, bn.eps, *(None if t is None else t.double().cpu()
+                                                        for t in (bn.weight, bn.bias, bn.mean, bn.var))), True)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), ref, **tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (2, 1)])
+def test_cuda_mixing_matches_twin(stride, padding):
+    cuda_backend_or_skip()
+    delta, weight = torch.randn(3, 4, 9, 7, dtype=F64, device="cuda"), torch.randn(5, 6, 3, 3, dtype=F64, device="cuda")
+    channels = torch.tensor([5, 0, 2], device="cuda")
+    ref = one_channel_conv2d_ref(delta.cpu(), channels.cpu(), weight.cpu(), (stride,) * 2, (padding,) * 2)
+    for channels_last in (False, True):
+        out = one_channel_conv2d(delta, channels, weight, stride, padding, channels_last=channels_last, backend="cuda")
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-12, atol=1e-12)
+    linear_delta, linear_weight = torch.randn(3, 7, dtype=F64, device="cuda"), torch.randn(5, 6, dtype=F64, device="cuda")
+    torch.testing.assert_close(one_channel_linear(linear_delta, channels, linear_weight, backend="cuda").cpu(),
+                               one_channel_linear_ref(linear_delta.cpu(), channels.cpu(), linear_weight.cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("restrict", [False, True])
+def test_cuda_masked_sgd_matches_torch_backend(restrict):
+    cuda_backend_or_skip()
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    shapes = [(3, 5), (1,), (1025,), (2, 3, 3)]
+    params = [torch.randn(s, dtype=F64, device="cuda") for s in shapes]
+    masks = [torch.rand(s, device="cuda") < 0.5 for s in shapes]
+    index = gather_mask_indices(params, masks)
+    ours, theirs = [p.clone() for p in params], [p.clone() for p in params]
+    a = MaskedSGD(ours, restrict_to_mask=restrict, backend="cuda", **hyper)
+    b = MaskedSGD(theirs, restrict_to_mask=restrict, backend="torch", **hyper)
+    for _ in range(3):
+        values = torch.randn(len(index), dtype=F64, device="cuda")
+        a.step(index, values)
+        b.step(index, values)
+    for p, q, g in zip(ours, theirs, masked_gradients_ref(params, masks, values)):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.gpu
+def test_graphed_query_loop_matches_eager():
+    """first layer + mixing + a reduction, captured once and replayed on new coordinates: same as eager calls."""
+    cuda_backend_or_skip()
+    x, y, coords, steps, bn = conv_problem("cuda", torch.float32)
+    weight2 = torch.randn(6, 4, 3, 3, device="cuda")
+
+    def query(c, h):
+        first = first_layer_delta(x, y, c, h, 2, 1, bn=bn, backend="cuda")
+        return one_channel_conv2d(first, c[:, 0], weight2, 1, 1, backend="cuda").square().sum(dim=(1, 2, 3))
+
+    runner = query_runner(query, torch.device("cuda"))
+    assert runner.use_graphs
+    for _ in range(3):
+        _, _, new_coords, new_steps, _ = conv_problem("cuda", torch.float32)
+        torch.testing.assert_close(runner(new_coords, new_steps).clone(), query(new_coords, new_steps))
+    assert len(runner.graphs) == 1
+    small = runner(new_coords[:2], new_steps[:2])  # the last, smaller chunk: a second graph
+    torch.testing.assert_close(small, query(new_coords[:2], new_steps[:2]))
+    assert len(runner.graphs) == 2
+
+
+@pytest.mark.gpu
+def test_triton_compiled_on_gpu_matches_twin():
+    """The Triton kernels compiled for the GPU (run with ZOKERNELS_TEST_GPU=1, which turns the interpreter off)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: run with ZOKERNELS_TEST_GPU=1 to compile Triton for the GPU")
+    x, y, coords, steps, bn = conv_problem("cuda", F64)
+    out = first_layer_delta(x, y, coords, steps, 2, 1, bn=bn, backend="triton")
+    torch.testing.assert_close(out, first_layer_delta(x, y, coords, steps, 2, 1, bn=bn, backend="torch"),
+                               rtol=1e-10, atol=1e-12)
+    delta, weight = torch.randn(3, 4, 9, 7, dtype=F64, device="cuda"), torch.randn(5, 6, 3, 3, dtype=F64, device="cuda")
+    channels = torch.tensor([5, 0, 2], device="cuda")
+    torch.testing.assert_close(one_channel_conv2d(delta, channels, weight, 2, 1, backend="triton").cpu(),
+                               one_channel_conv2d_ref(delta.cpu(), channels.cpu(), weight.cpu(), (2, 2), (1, 1)),
+                               rtol=1e-12, atol=1e-12)
