@@ -2,7 +2,7 @@
 the output channel o_k after BN (train: per-replica batch statistics; eval: running statistics) and ReLU, as the
 engine's channel-form Delta ([K, B, H', W'], channels o_k). See triton/cge_first_layer.py for the formulas; they
 are the engine's rules (engine/delta.py) fused. Backends: cuda, triton, cpu (C++ twin of the CUDA kernel),
-torch (the rules, unfused)."""
+torch (the same formulas in torch ops)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -137,27 +137,39 @@ def _first_layer_delta_compiled(chosen, x, y, coords, steps, chan, out, geometry
         _C.cge_first_layer_delta_cuda(*args, cuda_stream(x.device))
 
 
+def _seeds_torch(x4: torch.Tensor, coords: torch.Tensor, steps: torch.Tensor, out_hw, geometry) -> torch.Tensor:
+    """δ_k = h_k · shifted x[:, c_k] for all k at once: [K, B, H', W'] (zero padding included)."""
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    padded = torch.nn.functional.pad(x4, (pw, pw, ph, ph))
+    c = coords.to(x4.device)
+    rows = c[:, 2:3] * dh + torch.arange(out_hw[0], device=x4.device) * sh  # [K, H']
+    cols = c[:, 3:4] * dw + torch.arange(out_hw[1], device=x4.device) * sw  # [K, W']
+    batch = torch.arange(x4.shape[0], device=x4.device).view(1, -1, 1, 1)
+    picked = padded[batch, c[:, 1].view(-1, 1, 1, 1), rows[:, None, :, None], cols[:, None, None, :]]
+    return picked * steps.view(-1, 1, 1, 1)
+
+
 def _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu) -> torch.Tensor:
-    """The engine's own rules, unfused (the torch backend; the naive twin is reference.first_layer_delta_ref)."""
-    from ..engine import delta as rules
-    from ..reference.kernels_ref import seed_delta_ref
+    """The kernels' formulas (the engine's rules) in plain torch ops over all K replicas."""
     linear = x.dim() == 2
     x4, y4 = (x[:, :, None, None], y[:, :, None, None]) if linear else (x, y)
-    seeds = torch.stack([seed_delta_ref(x4, tuple(c), float(h), tuple(y4.shape[2:]), *geometry)
-                         for c, h in zip(coords.tolist(), steps.tolist())])
-    delta = rules.Delta(seeds.to(x.dtype), coords[:, 0].to(device=x.device, dtype=torch.int64))
-    base = y4
-    if bn is not None:
-        chan, _ = _channel_table(y4, bn)
-        shape = (1, -1, 1, 1)
-        if bn.train:
-            statistics = (y4 - chan[0].view(shape), chan[1])
-            delta = rules.batchnorm_train_delta(y4, delta, chan[2], statistics)
-            base = chan[2].view(shape) * ((y4 - chan[0].view(shape)) / chan[1].view(shape)) + chan[3].view(shape)
-        else:
-            delta = delta.scaled(rules.per_channel(chan[1], delta, y4))
-            base = (y4 - chan[0].view(shape)) * chan[1].view(shape) + chan[3].view(shape)
-    if relu:
-        delta = rules.relu_delta(base, delta)
-    out = delta.values.contiguous()
+    delta = _seeds_torch(x4, coords, steps, tuple(y4.shape[2:]), geometry)
+    chan, mode = _channel_table(y4, bn)
+    o = coords[:, 0].to(device=x.device, dtype=torch.int64)
+    mean, root, gamma, beta = (row[o].view(-1, 1, 1, 1) for row in chan)
+    base = y4.index_select(1, o).transpose(0, 1)  # y[:, o_k]: [K, B, H', W']
+    dz, z = delta, base
+    if mode == BN_TRAIN:
+        centered = base - mean
+        d_mean = delta.mean(dim=(1, 2, 3), keepdim=True)
+        spread = (delta.square().mean(dim=(1, 2, 3), keepdim=True) - d_mean.square()).clamp(min=0)
+        d_var = 2 * (centered * delta).mean(dim=(1, 2, 3), keepdim=True) + spread
+        new_root = torch.sqrt(root.square() + d_var)
+        a, b = gamma * (1 / new_root), gamma * (-d_var / (root * new_root * (root + new_root)))
+        dz = delta * a + centered * b + gamma * (-d_mean / new_root)
+        z = gamma * (centered / root) + beta
+    elif mode == BN_EVAL:
+        dz, z = delta * root, (base - mean) * root + beta
+    out = torch.maximum(dz, -z) + z.clamp(max=0) if relu else dz
+    out = out.contiguous()
     return out[..., 0, 0] if linear else out
