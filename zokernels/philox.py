@@ -5,6 +5,7 @@ the numels before it, so z does not depend on how parameters are grouped, chunke
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,9 @@ from .reference.philox_ref import philox_normal_ref, philox_uint32_ref
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _UINT64_MAX = 2**64 - 1
+# Elements per program (Triton) / per thread block (CUDA: 256 threads x one Philox block of 4 elements each).
+TRITON_BLOCK = 2048
+CUDA_BLOCK = 1024
 
 
 def _check_seed(name: str, value: int) -> int:
@@ -25,11 +29,23 @@ def _check_seed(name: str, value: int) -> int:
     return int(value)
 
 
-def _use_cpu_ext(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
+def _resolve(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     devices = {t.device for t in tensors} or {torch.device("cpu")}
     if len(devices) != 1:
         raise ValueError(f"tensors must all be on one device, got {sorted(map(str, devices))}")
-    return backends.resolve_backend(backend, devices.pop()) == "cpu"
+    return backends.resolve_backend(backend, devices.pop())
+
+
+def _use_cpu_ext(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
+    return _resolve(tensors, backend) == "cpu"
+
+
+def _check_offsets(offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[int]:
+    checked = [_check_seed(f"offsets[{i}]", o) for i, o in enumerate(offsets)]
+    for i, (o, t) in enumerate(zip(checked, tensors)):
+        if o + t.numel() > 2**63:
+            raise ValueError(f"offsets[{i}] + numel must stay below 2**63, got {o} + {t.numel()}")
+    return checked
 
 
 def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> torch.Tensor:
@@ -71,12 +87,25 @@ def normal_sumsq(numel: int, seed: int, stream: int, offset: int, backend: str |
     return float(np.dot(z, z))
 
 
-def _check_sweep_targets(tensors: Sequence[torch.Tensor]) -> None:
+def _terms32(terms: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(stream, coeff rounded to fp32) per term; every backend forms the combination from these fp32 values."""
+    checked = []
+    for k, term in enumerate(terms):
+        if not (isinstance(term, (tuple, list)) and len(term) == 2):
+            raise TypeError(f"terms[{k}] must be a (stream, coeff) pair, got {term!r}")
+        checked.append((_check_seed(f"terms[{k}] stream", term[0]), float(np.float32(term[1]))))
+    return checked
+
+
+def _check_sweep_targets(tensors: Sequence[torch.Tensor], name: str = "tensors") -> None:
     for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPE_CODES:
-            raise TypeError(f"tensors[{i}] must be float32/float64/float16/bfloat16, got {t.dtype}")
+            raise TypeError(f"{name}[{i}] must be float32/float64/float16/bfloat16, got {t.dtype}")
         if not t.is_contiguous():
-            raise ValueError(f"tensors[{i}] must be contiguous (the sweep writes its storage in order)")
+            raise ValueError(f"{name}[{i}] must be contiguous (the sweep reads and writes its storage in order), "
+                             f"got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
 def add_normal_combination_(
@@ -97,8 +126,14 @@ def add_normal_combination_(
     if len(scales) != len(tensors):
         raise ValueError(f"scales must have one entry per tensor ({len(tensors)}), got {len(scales)}")
     _check_sweep_targets(tensors)
+    offsets = _check_offsets(offsets, tensors)
     seed = _check_seed("seed", seed)
-    if _use_cpu_ext(tensors, backend):
+    resolved = _resolve(tensors, backend)
+    if resolved in ("triton", "cuda"):
+        scales32 = [float(np.float32(s)) for s in scales]
+        device_sweep(resolved, list(tensors), list(tensors), None, offsets, seed, _terms32(terms), scales32)
+        return
+    if resolved == "cpu":
         # Per-tensor scales are folded into the coefficients: one call per distinct scale keeps one pass each.
         for scale in sorted(set(scales)):
             group = [(t.data_ptr(), t.numel(), o, _DTYPE_CODES[t.dtype])
@@ -136,16 +171,25 @@ def normal_combination_into(
                                                                       else ()):
         if len(group) != len(out):
             raise ValueError(f"{name} must have one entry per output tensor ({len(out)}), got {len(group)}")
+    _check_sweep_targets(out, "out")
+    _check_sweep_targets(sources, "sources")
+    if minus is not None:
+        _check_sweep_targets(minus, "minus")
     targets = list(out) + list(sources) + (list(minus) if minus is not None else [])
-    _check_sweep_targets(targets)
+    offsets = _check_offsets(offsets, out)
     for i, (o, s) in enumerate(zip(out, sources)):
         others = [s] + ([minus[i]] if minus is not None else [])
         if any(x.shape != o.shape or x.dtype != o.dtype for x in others):
             raise ValueError(f"out[{i}], sources[{i}] (and minus[{i}]) must share shape and dtype, got "
                              f"{[(tuple(x.shape), x.dtype) for x in [o] + others]}")
     seed = _check_seed("seed", seed)
-    terms32 = [(int(stream), float(np.float32(coeff))) for stream, coeff in terms]
-    if _use_cpu_ext(targets, backend):
+    terms32 = _terms32(terms)
+    resolved = _resolve(targets, backend)
+    if resolved in ("triton", "cuda"):
+        device_sweep(resolved, list(out), list(sources), None if minus is None else list(minus), offsets, seed,
+                     terms32, [1.0] * len(out))
+        return
+    if resolved == "cpu":
         keep = [i for i, o in enumerate(out) if o.numel() > 0]
         backends._C.philox_axpy_multi(
             [(out[i].data_ptr(), out[i].numel(), offsets[i], _DTYPE_CODES[out[i].dtype]) for i in keep], seed,
@@ -161,3 +205,63 @@ def normal_combination_into(
             o.copy_((s.to(wide) + d.to(wide)).to(o.dtype))
             if minus is not None:
                 minus[i].copy_((s.to(wide) - d.to(wide)).to(o.dtype))
+
+
+# ---- GPU sweeps (cuda, triton): one launch per dtype over device tables -----------------------------------------
+_GEOMETRY_CACHE: OrderedDict = OrderedDict()
+_GEOMETRY_CACHE_SIZE = 32
+
+
+def _geometry(rows: list[tuple[int, int, int, int, int]], block: int, device: torch.device):
+    """Device tables for rows (out, src, minus addresses, numel, offset): the tensor table [n, 5] and the tile
+    table [n_tiles, 2] = (row, first element). A tile covers `block` stream positions starting on a Philox block
+    (4 elements), so a tensor's first tile may start up to 3 elements before it. Cached: a pure function of its key."""
+    key = (str(device), block, tuple(rows))
+    if key in _GEOMETRY_CACHE:
+        _GEOMETRY_CACHE.move_to_end(key)
+        return _GEOMETRY_CACHE[key]
+    tiles = []
+    for r, (_, _, _, numel, offset) in enumerate(rows):
+        first = (offset & ~3) - offset
+        starts = np.arange(first, numel, block, dtype=np.int64)
+        tiles.append(np.stack([np.full_like(starts, r), starts], axis=1))
+    tile_array = np.concatenate(tiles) if tiles else np.zeros((0, 2), dtype=np.int64)
+    tables = (torch.tensor(rows, dtype=torch.int64).reshape(-1, 5).to(device),
+              torch.from_numpy(np.ascontiguousarray(tile_array)).to(device))
+    _GEOMETRY_CACHE[key] = tables
+    if len(_GEOMETRY_CACHE) > _GEOMETRY_CACHE_SIZE:
+        _GEOMETRY_CACHE.popitem(last=False)
+    return tables
+
+
+def device_sweep(backend: str, out: list, sources: list, minus: list | None, offsets: list[int], seed: int,
+                 terms32: list[tuple[int, float]], scales32: list[float], block: int | None = None) -> None:
+    """out[t] = sources[t] + d_t (and minus[t] = sources[t] − d_t) with d_t = Σ_k fl(coeff_k·scale_t)·z(...), one
+    launch per dtype group on the `backend` ("cuda" or "triton"). Arguments are checked by the callers; `block`
+    (Triton only, a power of two ≥ 16) changes the tiling, never the values."""
+    if backend == "cuda":
+        block = CUDA_BLOCK
+    elif block is None:
+        block = TRITON_BLOCK
+    elif block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    words = [seed & 0xFFFFFFFF, seed >> 32] + [w for stream, _ in terms32 for w in (stream & 0xFFFFFFFF, stream >> 32)]
+    for dtype in dict.fromkeys(t.dtype for t in out):
+        keep = [i for i, t in enumerate(out) if t.dtype == dtype and t.numel() > 0]
+        if not keep:
+            continue
+        device = out[keep[0]].device
+        rows = [(out[i].data_ptr(), sources[i].data_ptr(), minus[i].data_ptr() if minus is not None else 0,
+                 out[i].numel(), offsets[i]) for i in keep]
+        table, tiles = _geometry(rows, block, device)
+        words_t = torch.tensor(words, dtype=torch.int64).to(device)
+        floats_t = torch.tensor([c for _, c in terms32] + [scales32[i] for i in keep], dtype=torch.float32).to(device)
+        if backend == "cuda":
+            backends._C.philox_sweep_cuda(table.data_ptr(), tiles.data_ptr(), tiles.shape[0], words_t.data_ptr(),
+                                          floats_t.data_ptr(), len(terms32), _DTYPE_CODES[dtype], minus is not None,
+                                          torch.cuda.current_stream(device).cuda_stream)
+        else:
+            from .kernels.triton.philox_sweep import philox_sweep_triton
+
+            philox_sweep_triton(table, tiles, words_t, floats_t, len(terms32), str(dtype).removeprefix("torch."),
+                                minus is not None, block)
