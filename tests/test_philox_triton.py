@@ -139,3 +139,39 @@ def test_cpu_tensors_default_to_the_cpu_extension_not_triton():
     expected = "cpu" if backends.availability()["cpu"].available else "torch"
     assert philox._resolve([torch.zeros(2)], None) == expected
     assert philox._resolve([torch.zeros(2)], "triton") == "triton"
+
+
+_GPU_COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from zokernels.kernels.triton import philox_sweep as ps
+sig = dict(table_ptr="*i64", tiles_ptr="*i64", words_ptr="*i64", floats_ptr="*fp32", n_terms="i32", n_tensors="i32",
+           DTYPE="constexpr", WIDE="constexpr", BF16_BITS="constexpr", HAS_MINUS="constexpr", BLOCK="constexpr")
+for arch in (80, 90):
+    for dtype, bf16 in ((tl.float32, False), (tl.uint16, True), (tl.float16, False)):
+        src = ASTSource(fn=ps._philox_sweep_kernel, signature=sig, constexprs=dict(
+            DTYPE=dtype, WIDE=tl.float32, BF16_BITS=bf16, HAS_MINUS=True, BLOCK=2048))
+        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                             options=dict(enable_fp_fusion=False, num_warps=4)).asm["ptx"]
+        print(arch, dtype, ptx.count("fma.rn.f32"), ptx.count("sqrt.approx"), ptx.count("sqrt.rn.f32"))
+"""
+
+
+def test_kernel_compiles_for_gpus_without_fma_or_approximate_sqrt(tmp_path):
+    # The interpreter accepts code the GPU compiler rejects (e.g. non-constexpr globals): compile to PTX and cubin
+    # for sm_80 / sm_90 (no GPU needed) and check that z v2 is built from correctly rounded ops only.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _GPU_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("triton's ptxas is missing")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        arch, dtype, fma, approx, sqrt_rn = line.split()
+        assert (fma, approx) == ("0", "0") and int(sqrt_rn) > 0, line

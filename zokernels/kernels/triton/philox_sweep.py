@@ -19,8 +19,8 @@ LN2_HI_C, LN2_LO_C = tl.constexpr(LN2_HI), tl.constexpr(LN2_LO)
 SQRT_HALF_BITS_C = tl.constexpr(SQRT_HALF_BITS)
 
 # Table layout (int64 columns of the tensor table).
-COL_OUT, COL_SRC, COL_MINUS, COL_NUMEL, COL_OFFSET = 0, 1, 2, 3, 4
-N_COLS = 5
+COL_OUT, COL_SRC, COL_MINUS, COL_NUMEL, COL_OFFSET = (tl.constexpr(c) for c in range(5))
+N_COLS = tl.constexpr(5)
 
 
 @triton.jit
