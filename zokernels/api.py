@@ -113,6 +113,21 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     head = Head(output_loss or "cross_entropy", batch)
     loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
+    try:
+        base, estimates, n_coordinates = _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head,
+                                                      model_input, guard, update_running_stats, max_memory_bytes)
+    finally:
+        if captured is not None:
+            captured.values.clear()  # the capture is cached per model; its activations are not
+    _write_grads(params, [estimates[name] for name, _ in named], accumulate)
+    queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
+    return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
+                      engine="delta" if captured is not None else "naive")
+
+
+def _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head, model_input, guard,
+                 update_running_stats, max_memory_bytes):
+    """Base loss, estimates and coordinate count of one CGE step, all queries inside the guard."""
     with guard:
         if captured is not None:
             base = engine_base(captured, batch, head, model_input, guard)
@@ -127,10 +142,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
                                                         max_memory_bytes, naive)
         else:
             estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
-    _write_grads(params, [estimates[name] for name, _ in named], accumulate)
-    queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
-    return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
-                      engine="delta" if captured is not None else "naive")
+    return base, estimates, n_coordinates
 
 
 @torch.no_grad()

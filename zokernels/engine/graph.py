@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from ..models import ShortcutA
 from . import delta as rules
+from . import fused
 from .delta import Delta
 
 ELEMENTWISE_MODULES = (nn.LeakyReLU, nn.GELU, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus)
@@ -49,6 +50,7 @@ class CapturedModel:
     values: NodeValues = field(default_factory=NodeValues)
     dense_mode: str = "delta"  # how a dense δ is carried: 'delta' (exact rules) or 'perturbed' (x + δ, own ops)
     position: dict[fx.Node, int] = field(default_factory=dict)  # topological index of every node
+    pass_sizes: dict = field(default_factory=dict)  # (parameter, K budget) -> fastest measured K per pass
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
@@ -183,8 +185,10 @@ def _propagate_perturbed(captured: CapturedModel, node: fx.Node, deltas: dict[fx
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             x = load(node.args[0])
             if rules.batchnorm_uses_batch_stats(module):
-                return Delta(rules.batchnorm_train_perturbed(x, module), perturbed=True)
+                return _batchnorm_train_perturbed(captured, node, x, module)
             return Delta(rules.per_sample_apply(module, x), perturbed=True)
+        if _is_relu(captured, node) and deltas[node.args[0]].relu_applied:
+            return Delta(deltas[node.args[0]].values, perturbed=True)
         if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
             return Delta(rules.per_sample_apply(lambda t: rules.conv2d_channels_last(t, module),
                                                 load(node.args[0])), perturbed=True)
@@ -200,6 +204,28 @@ def _propagate_perturbed(captured: CapturedModel, node: fx.Node, deltas: dict[fx
             (lambda t: getattr(t, node.target)(*rest, **node.kwargs))
         return Delta(rules.per_sample_apply(fn, load(node.args[0])), perturbed=True)
     return None
+
+
+def _is_relu(captured: CapturedModel, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(captured.module(node), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1
+
+
+def _batchnorm_train_perturbed(captured: CapturedModel, node: fx.Node, x: torch.Tensor, module) -> Delta:
+    """Per-replica training-mode BN; fused with the following ReLU when that ReLU is the node's only user."""
+    users = list(node.users)
+    relu = len(users) == 1 and _is_relu(captured, users[0])
+    key = (node, "input_mean")
+    if key not in captured.values.derived:
+        base = captured.values[node.args[0]]
+        captured.values.derived[key] = base.mean(dim=tuple(d for d in range(base.dim()) if d != 1))
+    out = fused.batchnorm_replicas(x, module, captured.values.derived[key], relu)
+    if out is None:
+        return Delta(rules.batchnorm_train_perturbed(x, module), perturbed=True)
+    return Delta(out, perturbed=True, relu_applied=relu)
 
 
 def _linear(node, values, deltas, module: nn.Linear):

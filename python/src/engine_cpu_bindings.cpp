@@ -1,0 +1,31 @@
+// pybind11 glue for the engine's CPU kernels (csrc/cpu/batchnorm_replicas_cpu.*). Tensors cross as data_ptr
+// ints; zokernels/engine/fused.py checks dtype, layout and shapes before calling.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "../../csrc/cpu/batchnorm_replicas_cpu.h"
+
+namespace py = pybind11;
+
+namespace zokernels_bindings {
+namespace {
+template <typename T>
+T* pointer(uintptr_t address) { return reinterpret_cast<T*>(address); }
+}  // namespace
+
+void register_engine_cpu(py::module_& m) {
+  m.def(
+      "batchnorm_replicas",
+      [](uintptr_t x, uintptr_t out, int64_t replicas, int64_t rows, int64_t channels, uintptr_t center,
+         uintptr_t weight, uintptr_t bias, double eps, bool relu) {
+        py::gil_scoped_release release;
+        zokernels::batchnorm_replicas_cpu(pointer<const float>(x), pointer<float>(out), replicas, rows, channels,
+                                          pointer<const float>(center), pointer<const float>(weight),
+                                          pointer<const float>(bias), eps, relu);
+      },
+      py::arg("x"), py::arg("out"), py::arg("replicas"), py::arg("rows"), py::arg("channels"), py::arg("center"),
+      py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("relu"),
+      "Per-replica training-mode BN (+ReLU) over channels-last [K, N, C] float32; weight/bias may be 0 (none).");
+}
+}  // namespace zokernels_bindings

@@ -1,0 +1,145 @@
+"""The engine's fast paths and caches: the fused per-replica BN(+ReLU) kernel vs its float64 twin, the capture
+cache across steps, measured pass sizes, and the allocator setting around a step."""
+import pytest
+import torch
+from torch import nn
+
+import zokernels
+from zokernels import backends
+from zokernels.engine import allocator, cge_engine, fused
+from zokernels.models import resnet20
+from zokernels.reference import cge_ref
+from zokernels.reference.engine_ref import batchnorm_replicas_ref
+
+from helpers import classification_batch
+
+needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available,
+                                   reason="zokernels._C (cpu backend) is not built")
+
+
+def replicas_channels_last(k, b, c, h, w, seed=0):
+    """[K, B, C, H, W] float32 whose replicas are contiguous channels-last rows, as the engine keeps them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k * b, c, h, w, generator=g) * 2.0 + 3.0
+    return x.contiguous(memory_format=torch.channels_last).view(k, b, c, h, w)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 3, 64, 4, 4), (1, 2, 1, 1, 1),
+                                       (2, 5, 32, 1, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_batchnorm_replicas_matches_float64_twin(k, b, c, h, w, affine, relu):
+    x = replicas_channels_last(k, b, c, h, w)
+    bn = nn.BatchNorm2d(c, affine=affine)
+    if affine:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    center = x[0].mean(dim=(0, 2, 3)) + 0.1  # a center near, not at, each replica's mean
+    out = fused.batchnorm_replicas(x, bn, center, relu)
+    assert out is not None and out.shape == x.shape
+    expected = batchnorm_replicas_ref(x, bn.weight, bn.bias, bn.eps, relu)
+    # float32 outputs of size ≲ 5: a few ulps; a statistic in float would be off by ~1e-4 on the larger shapes
+    torch.testing.assert_close(out.double(), expected, atol=3e-6, rtol=0)
+
+
+@needs_cpu_ext
+def test_batchnorm_replicas_independent_of_thread_count():
+    x = replicas_channels_last(2, 8, 16, 32, 32)  # above the kernel's OpenMP threshold
+    bn = nn.BatchNorm2d(16)
+    center = torch.zeros(16)
+    results = []
+    for threads in (1, 2):
+        backends._C.set_openmp_threads(threads)
+        results.append(fused.batchnorm_replicas(x, bn, center, True))
+    backends._C.set_openmp_threads(1)
+    assert torch.equal(results[0], results[1])
+
+
+def test_batchnorm_replicas_declines_other_layouts_and_dtypes():
+    bn = nn.BatchNorm2d(4)
+    contiguous = torch.randn(2, 3, 4, 5, 5)  # NCHW replicas: not the kernel's [K, N, C] rows
+    assert fused.batchnorm_replicas(contiguous, bn, torch.zeros(4), True) is None
+    as_double = replicas_channels_last(2, 3, 4, 5, 5).double()
+    assert fused.batchnorm_replicas(as_double, bn.double(), torch.zeros(4), True) is None
+
+
+@needs_cpu_ext
+def test_perturbed_mode_runs_fused_bn_relu_within_design_tolerance(monkeypatch):
+    calls = []
+
+    def counting(x, module, center, relu):
+        calls.append(relu)
+        return fused_kernel(x, module, center, relu)
+
+    fused_kernel = fused.batchnorm_replicas
+    monkeypatch.setattr(fused, "batchnorm_replicas", counting)
+    model = resnet20().train()
+    batch = classification_batch(torch.float32, n=8, shape=(3, 32, 32), classes=10)
+    g = torch.Generator().manual_seed(3)
+    mask = {n: torch.rand(p.shape, generator=g) < 4e-4 for n, p in model.named_parameters()}
+    mask["layer1.0.conv1.weight"].view(-1)[:2] = True  # dense stage through almost the whole network
+    oracle = cge_ref(_double_copy(model), (batch[0].double(), batch[1]), mu=5e-3, mask=mask)
+    naive = cge_ref(model, batch, mu=5e-3, mask=mask)
+    zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False, dense_mode="perturbed")
+    assert calls and any(calls), "the perturbed dense stage should use the fused BN + ReLU kernel"
+    for name, p in model.named_parameters():
+        if mask[name].any():
+            engine_error = (p.grad.double() - oracle[name])[mask[name]].abs().max()
+            naive_error = (naive[name].double() - oracle[name])[mask[name]].abs().max()
+            # the perturbed form stores x + δ in float32, as the naive difference does: DESIGN.md's rule for
+            # such fast paths is at most 2x the plain float32 path's error (the delta form is held to 1x)
+            assert engine_error <= 2 * max(naive_error, 1e-6), name
+
+
+def _double_copy(model):
+    import copy
+    return copy.deepcopy(model).double()
+
+
+def test_capture_is_cached_per_model_and_renewed_when_structure_changes():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    batch = classification_batch(torch.float32, n=6)
+    zokernels.cge_step(model, batch)
+    first = cge_engine.prepare(model)
+    assert cge_engine.prepare(model) is first
+    assert not first.values, "cached captures must not keep a step's activations"
+    model.eval()
+    assert cge_engine.prepare(model) is not first
+    again = cge_engine.prepare(model)
+    model[1] = nn.Tanh()
+    renewed = cge_engine.prepare(model)
+    assert renewed is not again
+    zokernels.cge_step(model, batch)
+    expected = cge_ref(model, batch, mu=5e-3)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name].float(), atol=2e-3, rtol=1e-2)
+
+
+def test_pass_size_is_measured_once_and_results_match_reference():
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3)).double()
+    batch = classification_batch(torch.float64, n=5, shape=(6,))
+    zokernels.cge_step(model, batch, mu=1e-4, update_running_stats=False, max_memory_bytes=1 << 20)
+    captured = cge_engine.prepare(model)
+    tuned = {key[0]: k for key, k in captured.pass_sizes.items()}
+    assert "0.weight" in tuned and tuned["0.weight"] >= 1
+    expected = cge_ref(model, batch, mu=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7)
+    assert cge_engine.pass_size_candidates(1) == [1]
+    assert cge_engine.pass_size_candidates(12) == [1, 2, 4, 8, 12]
+
+
+def test_retained_heap_sets_and_restores_glibc_options_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "_MALLOPT", lambda option, value: calls.append((option, value)))
+    with allocator.retained_heap():
+        with allocator.retained_heap():  # nested: no second switch
+            pass
+        assert calls == list(allocator._RETAINED.items())
+    assert calls[2:] == list(allocator._GLIBC_DEFAULTS.items())
+    calls.clear()
+    monkeypatch.setenv("ZOKERNELS_RETAIN_HEAP", "0")
+    with allocator.retained_heap():
+        pass
+    assert calls == []
