@@ -29,9 +29,11 @@ def _refusal(name: str, device: torch.device, symbol: str | None = None) -> str 
     return None
 
 
-def choose_backend(op: str, implemented: tuple[str, ...], requested: str | None, device: torch.device) -> str:
+def choose_backend(op: str, implemented: tuple[str, ...], requested: str | None, device: torch.device,
+                   automatic: tuple[str, ...] | None = None) -> str:
     """The backend that runs `op` on `device`. `implemented` lists the backends `op` has; the compiled ones call
-    _C.<op>_cpu / _C.<op>_cuda."""
+    _C.<op>_cpu / _C.<op>_cuda. `automatic`: those chosen without a request (default: all implemented) — a twin
+    slower than torch is left out there but stays available on request."""
     symbol = lambda name: f"{op}_{name}" if name in ("cpu", "cuda") else None  # noqa: E731
     if requested is not None:
         if requested not in backends.BACKENDS:
@@ -44,7 +46,7 @@ def choose_backend(op: str, implemented: tuple[str, ...], requested: str | None,
         return requested
     order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
     for name in order:
-        if name in implemented and _refusal(name, device, symbol(name)) is None:
+        if name in (automatic or implemented) and _refusal(name, device, symbol(name)) is None:
             return name
     return "torch"
 

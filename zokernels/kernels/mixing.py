@@ -48,7 +48,9 @@ def one_channel_conv2d(delta: torch.Tensor, channels: torch.Tensor, weight: torc
     w_out = conv2d_output_size(w_in, weight.shape[3], sw, pw, dw)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"the kernel {tuple(weight.shape[2:])} does not fit the padded input {(h_in, w_in)}")
-    chosen = choose_backend("cge_one_channel_conv2d", IMPLEMENTED, backend, delta.device)
+    # the C++ twin (plain loops) is slower than torch's grouped conv on CPU: only on request
+    chosen = choose_backend("cge_one_channel_conv2d", IMPLEMENTED, backend, delta.device,
+                            automatic=("cuda", "triton", "torch"))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if chosen == "torch":
         return _one_channel_conv2d_torch(delta, channels, weight, geometry).contiguous(memory_format=fmt)
