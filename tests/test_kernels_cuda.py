@@ -139,3 +139,14 @@ def test_triton_compiled_on_gpu_matches_twin():
     torch.testing.assert_close(one_channel_conv2d(delta, channels, weight, 2, 1, backend="triton").cpu(),
                                one_channel_conv2d_ref(delta.cpu(), channels.cpu(), weight.cpu(), (2, 2), (1, 1)),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_bench_exits_cleanly_without_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "cge_gpu.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no GPU" in done.stdout
