@@ -34,6 +34,33 @@ def _seed_and_base(x_ptr, y_ptr, n, o, c, kh, kw, h, mask, hw_out, w_out, h_in, 
 
 
 @triton.jit
+def _train_coefficients(x_ptr, y_ptr, n_total, o, c, kh, kw, h, mean, root, gamma, hw_out, w_out, h_in, w_in,
+                        sxb, sxc, sxh, sxw, syb, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+                        BLOCK: tl.constexpr):
+    """Sweep 1 (BN train): the replica's δ statistics -> (a, b, e) with δz = a·δ + b·(y − mean) + e."""
+    offs = tl.arange(0, BLOCK)
+    sum_d = tl.zeros([BLOCK], dtype=h.dtype)
+    sum_cd = tl.zeros([BLOCK], dtype=h.dtype)
+    sum_dd = tl.zeros([BLOCK], dtype=h.dtype)
+    for start in range(0, n_total, BLOCK):
+        n = start + offs
+        mask = n < n_total
+        d, yv = _seed_and_base(x_ptr, y_ptr, n, o, c, kh, kw, h, mask, hw_out, w_out, h_in, w_in,
+                               sxb, sxc, sxh, sxw, syb, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w)
+        sum_d += d
+        sum_cd += tl.where(mask, yv - mean, 0.0) * d
+        sum_dd += d * d
+    d_mean = tl.sum(sum_d, axis=0) / n_total
+    spread = tl.maximum(tl.sum(sum_dd, axis=0) / n_total - d_mean * d_mean, 0.0)
+    d_var = 2 * (tl.sum(sum_cd, axis=0) / n_total) + spread
+    new_root = tl.sqrt(root * root + d_var)
+    a_coef = gamma * (1 / new_root)
+    b_coef = gamma * (-d_var / (root * new_root * (root + new_root)))
+    e_coef = gamma * (-d_mean / new_root)
+    return a_coef, b_coef, e_coef
+
+
+@triton.jit
 def _first_layer_delta_kernel(x_ptr, y_ptr, coord_ptr, step_ptr, chan_ptr, out_ptr, n_total, n_channels,
                               hw_out, w_out, h_in, w_in, sxb, sxc, sxh, sxw, syb, syc, syh, syw,
                               st_h, st_w, pad_h, pad_w, dil_h, dil_w,
@@ -49,31 +76,12 @@ def _first_layer_delta_kernel(x_ptr, y_ptr, coord_ptr, step_ptr, chan_ptr, out_p
     root = tl.load(chan_ptr + n_channels + o)
     gamma = tl.load(chan_ptr + 2 * n_channels + o)
     beta = tl.load(chan_ptr + 3 * n_channels + o)
-    offs = tl.arange(0, BLOCK)
-    a_coef = root * 0 + 1
-    b_coef = root * 0
-    e_coef = root * 0
     if BN_MODE == 1:
-        sum_d = tl.zeros([BLOCK], dtype=h.dtype)
-        sum_cd = tl.zeros([BLOCK], dtype=h.dtype)
-        sum_dd = tl.zeros([BLOCK], dtype=h.dtype)
-        for start in range(0, n_total, BLOCK):
-            n = start + offs
-            mask = n < n_total
-            d, yv = _seed_and_base(x_ptr, y_ptr, n, o, c, kh, kw, h, mask, hw_out, w_out, h_in, w_in,
-                                   sxb, sxc, sxh, sxw, syb, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w)
-            sum_d += d
-            sum_cd += tl.where(mask, yv - mean, 0.0) * d
-            sum_dd += d * d
-        d_mean = tl.sum(sum_d, axis=0) / n_total
-        spread = tl.maximum(tl.sum(sum_dd, axis=0) / n_total - d_mean * d_mean, 0.0)
-        d_var = 2 * (tl.sum(sum_cd, axis=0) / n_total) + spread
-        new_root = tl.sqrt(root * root + d_var)
-        a_coef = gamma * (1 / new_root)
-        b_coef = gamma * (-d_var / (root * new_root * (root + new_root)))
-        e_coef = gamma * (-d_mean / new_root)
-    for start in range(0, n_total, BLOCK):
-        n = start + offs
+        a_coef, b_coef, e_coef = _train_coefficients(
+            x_ptr, y_ptr, n_total, o, c, kh, kw, h, mean, root, gamma, hw_out, w_out, h_in, w_in,
+            sxb, sxc, sxh, sxw, syb, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w, BLOCK)
+    for start in range(0, n_total, BLOCK):  # sweep 2: recompute δ (cheaper than storing it), write the output
+        n = start + tl.arange(0, BLOCK)
         mask = n < n_total
         d, yv = _seed_and_base(x_ptr, y_ptr, n, o, c, kh, kw, h, mask, hw_out, w_out, h_in, w_in,
                                sxb, sxc, sxh, sxw, syb, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w)
