@@ -1,0 +1,76 @@
+"""The engine adapter (zokernels/kernels/engine_adapter.py): starting the engine's propagation after the fused
+conv/linear → BN → ReLU kernel gives the same loss changes as the engine's own seed + BN + ReLU rules (float64, to
+rounding), on every backend present, and the adapter declines where the pattern does not hold."""
+import pytest
+import torch
+from torch import nn
+
+from zokernels.backends import _C, availability
+from zokernels.engine import cge_engine
+from zokernels.engine.heads import Head
+from zokernels.estimators.common import QueryGuard
+from zokernels.kernels.engine_adapter import fused_pattern, fused_seed_delta
+
+pytest.importorskip("triton")
+HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_first_layer_delta_cpu") and availability()["cpu"].available
+BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
+
+
+def small_model(train: bool):
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model = model.double().train(train)
+    if not train:  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def loss_changes(model, batch, names, backend):
+    captured = cge_engine.prepare(model)
+    head, params = Head("cross_entropy", batch), [p for p in model.parameters()]
+    guard = QueryGuard(model, params)
+    results = {}
+    with guard, torch.no_grad():
+        base = cge_engine.engine_base(captured, batch, head, lambda b: (b[0],), guard)
+        sites, last_use = cge_engine.parameter_sites(captured), cge_engine._last_uses(captured)
+        outputs = captured.values[captured.nodes[-1].args[0]]
+        for name in names:
+            node, module, local = sites[name]
+            indices = torch.randperm(module.weight.numel())[:5]
+            steps = torch.randn(5, dtype=torch.float64) * 0.05
+            seed = cge_engine.seed_delta(captured, node, module, local, indices, steps, {})
+            expected = head.change(outputs, cge_engine.output_delta(captured, node, seed, last_use), base, name)
+            start, fused = fused_seed_delta(captured, node, module, local, indices, steps, backend=backend)
+            got = head.change(outputs, cge_engine.output_delta(captured, start, fused, last_use), base, name)
+            results[name] = (got, expected)
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_start_gives_the_engines_loss_changes(train, backend):
+    model = small_model(train)
+    batch = (torch.randn(6, 2, 7, 9, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    for name, (got, expected) in loss_changes(model, batch, ["0.weight", "3.weight", "8.weight"], backend).items():
+        assert expected.abs().max() > 0, name  # the coordinates do move the loss
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-14, msg=name)
+
+
+def test_adapter_declines_outside_the_pattern():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3, groups=3), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+    captured = cge_engine.prepare(model)
+    from zokernels.engine.graph import run_base
+    run_base(captured, (torch.randn(2, 2, 7, 7, dtype=torch.float64),))
+    sites = cge_engine.parameter_sites(captured)
+    for name in ("0.weight", "2.weight", "6.weight", "0.bias"):  # no BN; grouped conv; last layer; a bias
+        assert fused_pattern(captured, *sites[name]) is None, name
+    fused = small_model(True)
+    captured = cge_engine.prepare(fused)
+    run_base(captured, (torch.randn(4, 2, 7, 9, dtype=torch.float64),))
+    assert fused_pattern(captured, *cge_engine.parameter_sites(captured)["0.weight"]) is not None
