@@ -147,5 +147,81 @@ ZK_HD void sgd_element(T* param, T* buffer, T g, const T* hyper, SgdFlags f) {
   *param = p - hyper[0] * g;
 }
 
+// ---- per-thread bodies of the CUDA kernels: the CPU twins call them from loops over (block, thread) -------------
+constexpr int kFirstLayerThreads = 256;  // threads per replica block; the reduction tree below assumes a power of 2
+
+// Thread t's strided share (n = t, t + threads, ...) of the replica's three BN-train sums.
+template <typename T>
+ZK_HD void first_layer_partial_sums(const T* x, const T* y, const FirstLayerShape& s, const int64_t* coord, T h,
+                                    T mean, int64_t thread, int64_t threads, T sums[3]) {
+  const int64_t n_total = s.batch * s.h_out * s.w_out;
+  sums[0] = sums[1] = sums[2] = T(0);
+  for (int64_t n = thread; n < n_total; n += threads) {
+    T d, yv;
+    seed_and_base(x, y, s, coord, h, n, &d, &yv);
+    sums[0] += d;
+    sums[1] += (yv - mean) * d;
+    sums[2] += d * d;
+  }
+}
+
+// Thread t's strided share of the replica's output.
+template <typename T>
+ZK_HD void first_layer_write(const T* x, const T* y, const FirstLayerShape& s, const int64_t* coord, T h,
+                             const ChannelOps<T>& ops, int bn_mode, bool relu, T* out_k, int64_t thread,
+                             int64_t threads) {
+  const int64_t n_total = s.batch * s.h_out * s.w_out;
+  for (int64_t n = thread; n < n_total; n += threads) {
+    T d, yv;
+    seed_and_base(x, y, s, coord, h, n, &d, &yv);
+    out_k[n] = channel_delta(d, yv, ops, bn_mode, relu);
+  }
+}
+
+// One output element (flat index over [K·B, C2, H2, W2] in logical NCHW order; stored through out's strides).
+template <typename T>
+ZK_HD void one_channel_conv2d_at(int64_t index, const T* delta, const int64_t* channels, const T* weight, T* out,
+                                 const MixingShape& s) {
+  const int64_t ow = index % s.w_out, oh = (index / s.w_out) % s.h_out;
+  const int64_t co = (index / (s.w_out * s.h_out)) % s.c_out, row = index / (s.w_out * s.h_out * s.c_out);
+  const int64_t k = row / s.batch, b = row - k * s.batch;
+  out[row * s.so[0] + co * s.so[1] + oh * s.so[2] + ow * s.so[3]] =
+      one_channel_conv_point(delta, weight, s, k, b, channels[k], co, oh, ow);
+}
+
+// One output element of the linear case: out[k·B + b, co] = δ[k, b] · W[co, c_k] (contiguous tensors).
+template <typename T>
+ZK_HD void one_channel_linear_at(int64_t index, const T* delta, const int64_t* channels, const T* weight, T* out,
+                                 int64_t batch, int64_t n_out, int64_t n_in) {
+  const int64_t co = index % n_out, row = index / n_out, k = row / batch;
+  out[index] = delta[row] * weight[co * n_in + channels[k]];
+}
+
+template <typename T>
+ZK_HD T* table_at(const int64_t* table, int64_t param) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[param]));
+}
+
+// Coordinate j: .grad ← value j; with update, the SGD step on that coordinate only.
+template <typename T>
+ZK_HD void masked_coordinate_at(int64_t j, const int64_t* params, const int64_t* grads, const int64_t* buffers,
+                                const int32_t* param_ids, const int64_t* elements, const T* values,
+                                const T* hyper, bool update, SgdFlags flags) {
+  const int64_t param = param_ids[j], element = elements[j];
+  const T g = values[j];
+  table_at<T>(grads, param)[element] = g;
+  if (update)
+    sgd_element(table_at<T>(params, param) + element, table_at<T>(buffers, param) + element, g, hyper, flags);
+}
+
+// Element `element` of parameter `param`: the dense SGD step reading .grad (no-op past the parameter's end).
+template <typename T>
+ZK_HD void dense_sgd_at(int64_t param, int64_t element, const int64_t* params, const int64_t* grads,
+                        const int64_t* buffers, const int64_t* numels, const T* hyper, SgdFlags flags) {
+  if (element >= numels[param]) return;
+  sgd_element(table_at<T>(params, param) + element, table_at<T>(buffers, param) + element,
+              table_at<T>(grads, param)[element], hyper, flags);
+}
+
 }  // namespace cge
 }  // namespace zokernels

@@ -150,3 +150,28 @@ def test_gpu_bench_exits_cleanly_without_gpu():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no GPU" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cuda_kernels_bitwise_equal_cpu_twins(dtype):
+    """The C++ twins replay the CUDA kernels' per-thread code and reduction tree (csrc/cge_kernels.h), both built
+    without FMA contraction: results should agree bit for bit. The first layer is compared in float64 with BN
+    statistics given, so that its per-channel table (torch ops on each device) is the same correctly rounded
+    arithmetic on both sides."""
+    cuda_backend_or_skip()
+    if not hasattr(backends._C, "cge_first_layer_delta_cpu"):
+        pytest.skip("zokernels._C has no C++ twins")
+    to_cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    if dtype == F64:
+        x, y, coords, steps, bn = conv_problem("cuda", dtype, batch=9, hw=(17, 15))
+        dims = (0, 2, 3)
+        bn = BatchNormSpec(True, bn.eps, bn.weight, bn.bias, y.mean(dim=dims), y.var(dim=dims, unbiased=False))
+        gpu = first_layer_delta(x, y, coords, steps, 2, 1, bn=bn, backend="cuda").cpu()
+        cpu_bn = BatchNormSpec(True, bn.eps, *(to_cpu(t) for t in (bn.weight, bn.bias, bn.mean, bn.var)))
+        cpu = first_layer_delta(x.cpu(), y.cpu(), coords.cpu(), steps.cpu(), 2, 1, bn=cpu_bn, backend="cpu")
+        assert torch.equal(gpu, cpu)
+    delta, weight = torch.randn(3, 4, 9, 7, dtype=dtype, device="cuda"), torch.randn(5, 6, 3, 3, dtype=dtype, device="cuda")
+    channels = torch.tensor([5, 0, 2], device="cuda")
+    gpu = one_channel_conv2d(delta, channels, weight, 2, 1, backend="cuda").cpu()
+    assert torch.equal(gpu, one_channel_conv2d(delta.cpu(), channels.cpu(), weight.cpu(), 2, 1, backend="cpu"))

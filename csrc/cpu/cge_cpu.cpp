@@ -1,56 +1,61 @@
-// C++ CPU twins of csrc/cuda/cge_*.cu. The per-replica sums run sequentially (the CUDA kernel sums in a block
-// tree): results agree to rounding, not bitwise. Everything else is element for element the CUDA arithmetic.
+// C++ CPU twins of csrc/cuda/cge_*.cu: the CUDA kernels' per-thread bodies (csrc/cge_kernels.h) called from loops
+// over (block, thread), with the first layer's block reduction replayed in the CUDA tree order. Built like the
+// CUDA code without FMA contraction, the twins are meant to give the GPU's numbers bit for bit; on the GPU,
+// tests/test_kernels_cuda.py checks that.
 #include "cge_cpu.h"
 
 #include <cstdint>
+#include <vector>
 
 namespace zokernels {
 namespace cge {
 namespace {
 
+// The CUDA block_sum tree: scratch[t] += scratch[t + width] for width = threads/2, ..., 1.
+template <typename T>
+T block_tree_sum(std::vector<T>& scratch) {
+  for (size_t width = scratch.size() / 2; width > 0; width /= 2)
+    for (size_t t = 0; t < width; ++t) scratch[t] += scratch[t + width];
+  return scratch[0];
+}
+
 template <typename T>
 void first_layer_delta(const T* x, const T* y, const int64_t* coords, const T* steps, const T* chan, T* out,
                        int64_t replicas, const FirstLayerShape& s, int bn_mode, bool relu) {
   const int64_t n_total = s.batch * s.h_out * s.w_out;
+  const int64_t threads = kFirstLayerThreads;
 #pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < replicas; ++k) {
+  for (int64_t k = 0; k < replicas; ++k) {  // one CUDA block per replica
     const int64_t* coord = coords + 4 * k;
     ChannelOps<T> ops = load_channel(chan, s.c_out, coord[0]);
-    T d, yv;
     if (bn_mode == kBnTrain) {
-      T sum_d = 0, sum_cd = 0, sum_dd = 0;
-      for (int64_t n = 0; n < n_total; ++n) {
-        seed_and_base(x, y, s, coord, steps[k], n, &d, &yv);
-        sum_d += d;
-        sum_cd += (yv - ops.mean) * d;
-        sum_dd += d * d;
+      std::vector<T> scratch[3] = {std::vector<T>(threads), std::vector<T>(threads), std::vector<T>(threads)};
+      for (int64_t t = 0; t < threads; ++t) {
+        T sums[3];
+        first_layer_partial_sums(x, y, s, coord, steps[k], ops.mean, t, threads, sums);
+        for (int i = 0; i < 3; ++i) scratch[i][t] = sums[i];
       }
-      train_coefficients(&ops, sum_d, sum_cd, sum_dd, n_total);
+      train_coefficients(&ops, block_tree_sum(scratch[0]), block_tree_sum(scratch[1]), block_tree_sum(scratch[2]),
+                         n_total);
     }
-    for (int64_t n = 0; n < n_total; ++n) {
-      seed_and_base(x, y, s, coord, steps[k], n, &d, &yv);
-      out[k * n_total + n] = channel_delta(d, yv, ops, bn_mode, relu);
-    }
+    first_layer_write(x, y, s, coord, steps[k], ops, bn_mode, relu, out + k * n_total, 0, 1);
   }
 }
 
 template <typename T>
 void one_channel_conv2d(const T* delta, const int64_t* channels, const T* weight, T* out, const MixingShape& s) {
-  const int64_t rows = s.replicas * s.batch;
+  const int64_t total = s.replicas * s.batch * s.c_out * s.h_out * s.w_out;
 #pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t k = row / s.batch, b = row - k * s.batch;
-    for (int64_t co = 0; co < s.c_out; ++co)
-      for (int64_t oh = 0; oh < s.h_out; ++oh)
-        for (int64_t ow = 0; ow < s.w_out; ++ow)
-          out[row * s.so[0] + co * s.so[1] + oh * s.so[2] + ow * s.so[3]] =
-              one_channel_conv_point(delta, weight, s, k, b, channels[k], co, oh, ow);
-  }
+  for (int64_t index = 0; index < total; ++index) one_channel_conv2d_at(index, delta, channels, weight, out, s);
 }
 
 template <typename T>
-T* at(const int64_t* table, int64_t param) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[param]));
+void one_channel_linear(const T* delta, const int64_t* channels, const T* weight, T* out, int64_t replicas,
+                        int64_t batch, int64_t n_out, int64_t n_in) {
+  const int64_t total = replicas * batch * n_out;
+#pragma omp parallel for schedule(static)
+  for (int64_t index = 0; index < total; ++index)
+    one_channel_linear_at(index, delta, channels, weight, out, batch, n_out, n_in);
 }
 
 template <typename T>
@@ -59,18 +64,14 @@ void masked_sgd(const int64_t* params, const int64_t* grads, const int64_t* buff
                 const T* hyper, bool update, bool dense, SgdFlags flags) {
   if (dense) {
     for (int64_t p = 0; p < n_params; ++p) {
-      T *param = at<T>(params, p), *buffer = at<T>(buffers, p), *grad = at<T>(grads, p);
 #pragma omp parallel for schedule(static)
-      for (int64_t e = 0; e < numels[p]; ++e) sgd_element(param + e, buffer + e, grad[e], hyper, flags);
+      for (int64_t e = 0; e < numels[p]; ++e) dense_sgd_at(p, e, params, grads, buffers, numels, hyper, flags);
     }
     return;
   }
 #pragma omp parallel for schedule(static)
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t p = param_ids[j], e = elements[j];
-    at<T>(grads, p)[e] = values[j];
-    if (update) sgd_element(at<T>(params, p) + e, at<T>(buffers, p) + e, values[j], hyper, flags);
-  }
+  for (int64_t j = 0; j < n; ++j)
+    masked_coordinate_at(j, params, grads, buffers, param_ids, elements, values, hyper, update, flags);
 }
 }  // namespace
 
@@ -96,6 +97,17 @@ void one_channel_conv2d_cpu(const void* delta, const int64_t* channels, const vo
   } else {
     one_channel_conv2d(static_cast<const float*>(delta), channels, static_cast<const float*>(weight),
                        static_cast<float*>(out), shape);
+  }
+}
+
+void one_channel_linear_cpu(const void* delta, const int64_t* channels, const void* weight, void* out,
+                            int64_t replicas, int64_t batch, int64_t n_out, int64_t n_in, int dtype) {
+  if (dtype == 1) {
+    one_channel_linear(static_cast<const double*>(delta), channels, static_cast<const double*>(weight),
+                       static_cast<double*>(out), replicas, batch, n_out, n_in);
+  } else {
+    one_channel_linear(static_cast<const float*>(delta), channels, static_cast<const float*>(weight),
+                       static_cast<float*>(out), replicas, batch, n_out, n_in);
   }
 }
 

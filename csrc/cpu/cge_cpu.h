@@ -1,5 +1,5 @@
-// C++ CPU twins of the CUDA CGE kernels (csrc/cuda/cge_*.cu): the same per-element functions of
-// csrc/cge_kernels.h, driven by loops (OpenMP over replicas / elements) instead of CUDA threads.
+// C++ CPU twins of the CUDA CGE kernels (csrc/cuda/cge_*.cu): the kernels' per-thread bodies of
+// csrc/cge_kernels.h, driven by loops over (block, thread) instead of CUDA threads.
 #pragma once
 #include <cstdint>
 
@@ -13,6 +13,8 @@ void first_layer_delta_cpu(const void* x, const void* y, const int64_t* coords, 
                            int dtype);
 void one_channel_conv2d_cpu(const void* delta, const int64_t* channels, const void* weight, void* out,
                             const MixingShape& shape, int dtype);
+void one_channel_linear_cpu(const void* delta, const int64_t* channels, const void* weight, void* out,
+                            int64_t replicas, int64_t batch, int64_t n_out, int64_t n_in, int dtype);
 // Tables hold host addresses; see zk_cge_masked_sgd in csrc/cuda/cge_launch.h for the argument meanings.
 void masked_sgd_cpu(const int64_t* params, const int64_t* grads, const int64_t* buffers, const int64_t* numels,
                     int64_t n_params, const int32_t* param_ids, const int64_t* elements, const void* values,

@@ -7,8 +7,9 @@
 
 namespace {
 using namespace zokernels::cge;
-constexpr int kThreads = 256;
+constexpr int kThreads = kFirstLayerThreads;
 
+// Tree sum over the block, in the order the C++ twin replays (csrc/cpu/cge_cpu.cpp block_tree_sum).
 template <typename T>
 __device__ T block_sum(T value, T* scratch) {
   scratch[threadIdx.x] = value;
@@ -32,24 +33,12 @@ __global__ void first_layer_delta_kernel(const T* x, const T* y, const int64_t* 
   const int64_t n_total = s.batch * s.h_out * s.w_out;
   ChannelOps<T> ops = load_channel(chan, s.c_out, coord[0]);
   if (bn_mode == kBnTrain) {
-    T sum_d = 0, sum_cd = 0, sum_dd = 0;
-    for (int64_t n = threadIdx.x; n < n_total; n += kThreads) {
-      T d, yv;
-      seed_and_base(x, y, s, coord, h, n, &d, &yv);
-      sum_d += d;
-      sum_cd += (yv - ops.mean) * d;
-      sum_dd += d * d;
-    }
-    sum_d = block_sum(sum_d, scratch);
-    sum_cd = block_sum(sum_cd, scratch);
-    sum_dd = block_sum(sum_dd, scratch);
-    train_coefficients(&ops, sum_d, sum_cd, sum_dd, n_total);
+    T sums[3];
+    first_layer_partial_sums(x, y, s, coord, h, ops.mean, threadIdx.x, kThreads, sums);
+    for (int i = 0; i < 3; ++i) sums[i] = block_sum(sums[i], scratch);
+    train_coefficients(&ops, sums[0], sums[1], sums[2], n_total);
   }
-  for (int64_t n = threadIdx.x; n < n_total; n += kThreads) {
-    T d, yv;
-    seed_and_base(x, y, s, coord, h, n, &d, &yv);
-    out[k * n_total + n] = channel_delta(d, yv, ops, bn_mode, relu);
-  }
+  first_layer_write(x, y, s, coord, h, ops, bn_mode, relu, out + k * n_total, threadIdx.x, kThreads);
 }
 
 template <typename T>

@@ -12,22 +12,14 @@ template <typename T>
 __global__ void one_channel_conv2d_kernel(const T* delta, const int64_t* channels, const T* weight, T* out,
                                           MixingShape s, int64_t total) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (index >= total) return;
-  // logical NCHW order of [K·B, C2, H2, W2]; the write goes through out's strides (contiguous or channels-last)
-  const int64_t ow = index % s.w_out, oh = (index / s.w_out) % s.h_out;
-  const int64_t co = (index / (s.w_out * s.h_out)) % s.c_out, row = index / (s.w_out * s.h_out * s.c_out);
-  const int64_t k = row / s.batch, b = row - k * s.batch;
-  const T value = one_channel_conv_point(delta, weight, s, k, b, channels[k], co, oh, ow);
-  out[row * s.so[0] + co * s.so[1] + oh * s.so[2] + ow * s.so[3]] = value;
+  if (index < total) one_channel_conv2d_at(index, delta, channels, weight, out, s);
 }
 
 template <typename T>
 __global__ void one_channel_linear_kernel(const T* delta, const int64_t* channels, const T* weight, T* out,
                                           int64_t batch, int64_t n_out, int64_t n_in, int64_t total) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (index >= total) return;
-  const int64_t co = index % n_out, row = index / n_out, k = row / batch;
-  out[index] = delta[row] * weight[co * n_in + channels[k]];
+  if (index < total) one_channel_linear_at(index, delta, channels, weight, out, batch, n_out, n_in);
 }
 
 unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + kThreads - 1) / kThreads); }

@@ -10,30 +10,18 @@ using namespace zokernels::cge;
 constexpr int kThreads = 256;
 
 template <typename T>
-__device__ T* at(const int64_t* table, int64_t param) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[param]));
-}
-
-template <typename T>
 __global__ void masked_coordinates_kernel(const int64_t* params, const int64_t* grads, const int64_t* buffers,
                                           const int32_t* param_ids, const int64_t* elements, const T* values,
                                           int64_t n, const T* hyper, bool update, SgdFlags flags) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= n) return;
-  const int64_t param = param_ids[j], element = elements[j];
-  const T g = values[j];
-  at<T>(grads, param)[element] = g;
-  if (update) sgd_element(at<T>(params, param) + element, at<T>(buffers, param) + element, g, hyper, flags);
+  if (j < n) masked_coordinate_at(j, params, grads, buffers, param_ids, elements, values, hyper, update, flags);
 }
 
 template <typename T>
 __global__ void dense_sgd_kernel(const int64_t* params, const int64_t* grads, const int64_t* buffers,
                                  const int64_t* numels, const T* hyper, SgdFlags flags) {
-  const int64_t param = blockIdx.y;
   const int64_t element = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (element >= numels[param]) return;
-  sgd_element(at<T>(params, param) + element, at<T>(buffers, param) + element, at<T>(grads, param)[element], hyper,
-              flags);
+  dense_sgd_at(static_cast<int64_t>(blockIdx.y), element, params, grads, buffers, numels, hyper, flags);
 }
 
 template <typename T>

@@ -59,6 +59,13 @@ void register_cge_cpu(py::module_& m) {
     zokernels::cge::one_channel_conv2d_cpu(as<const void*>(delta), as<const int64_t*>(channels),
                                            as<const void*>(weight), as<void*>(out), shape, dtype);
   });
+  m.def("cge_one_channel_linear_cpu", [](uintptr_t delta, uintptr_t channels, uintptr_t weight, uintptr_t out,
+                                         int64_t replicas, int64_t batch, int64_t n_out, int64_t n_in, int dtype) {
+    py::gil_scoped_release release;
+    zokernels::cge::one_channel_linear_cpu(as<const void*>(delta), as<const int64_t*>(channels),
+                                           as<const void*>(weight), as<void*>(out), replicas, batch, n_out, n_in,
+                                           dtype);
+  });
   m.def("cge_masked_sgd_cpu",
         [](uintptr_t params, uintptr_t grads, uintptr_t buffers, uintptr_t numels, int64_t n_params,
            uintptr_t param_ids, uintptr_t elements, uintptr_t values, int64_t n, uintptr_t hyper, bool update,

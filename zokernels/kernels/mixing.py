@@ -1,7 +1,7 @@
 """The next mixing op on one-channel deltas: K replicas of δ, replica k nonzero in input channel o_k only, through
 the next conv2d / linear weight (no bias: a delta). Output [K·B, C2, H2, W2] ([K·B, out] for linear), the layout
 a dense tail consumes directly (engine: .view(K, B, ...) gives the dense Delta values).
-Backends: cuda, triton, cpu (conv only: C++ twin of the CUDA kernel), torch (the engine's grouped-conv rule)."""
+Backends: cuda, triton, cpu (C++ twins of the CUDA kernels), torch (the engine's grouped-conv rule)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,7 @@ from . import checks
 from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
-LINEAR_IMPLEMENTED = ("cuda", "triton", "torch")
+AUTOMATIC = ("cuda", "triton", "torch")  # the C++ twins (plain loops) are slower than torch on CPU: on request only
 
 
 def _check_channels(channels, k: int, n_in: int, device) -> torch.Tensor:
@@ -48,9 +48,7 @@ def one_channel_conv2d(delta: torch.Tensor, channels: torch.Tensor, weight: torc
     w_out = conv2d_output_size(w_in, weight.shape[3], sw, pw, dw)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"the kernel {tuple(weight.shape[2:])} does not fit the padded input {(h_in, w_in)}")
-    # the C++ twin (plain loops) is slower than torch's grouped conv on CPU: only on request
-    chosen = choose_backend("cge_one_channel_conv2d", IMPLEMENTED, backend, delta.device,
-                            automatic=("cuda", "triton", "torch"))
+    chosen = choose_backend("cge_one_channel_conv2d", IMPLEMENTED, backend, delta.device, AUTOMATIC)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if chosen == "torch":
         return _one_channel_conv2d_torch(delta, channels, weight, geometry).contiguous(memory_format=fmt)
@@ -94,7 +92,7 @@ def one_channel_linear(delta: torch.Tensor, channels: torch.Tensor, weight: torc
     checks.check_same("weight", weight, delta, "delta")
     k, batch = delta.shape
     channels = _check_channels(channels, k, weight.shape[1], delta.device)
-    chosen = choose_backend("cge_one_channel_linear", LINEAR_IMPLEMENTED, backend, delta.device)
+    chosen = choose_backend("cge_one_channel_linear", IMPLEMENTED, backend, delta.device, AUTOMATIC)
     if chosen == "torch":
         columns = weight.index_select(1, channels).T  # [K, out]
         return (delta.unsqueeze(-1) * columns.unsqueeze(1)).reshape(k * batch, weight.shape[0])
@@ -106,7 +104,10 @@ def one_channel_linear(delta: torch.Tensor, channels: torch.Tensor, weight: torc
         one_channel_linear_triton(delta, channels, weight, out)
     else:
         from ..backends import _C
-        _C.cge_one_channel_linear_cuda(delta.data_ptr(), channels.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                                       k, batch, weight.shape[0], weight.shape[1], DTYPE_CODES[delta.dtype],
-                                       cuda_stream(delta.device))
+        args = (delta.data_ptr(), channels.data_ptr(), weight.data_ptr(), out.data_ptr(), k, batch, weight.shape[0],
+                weight.shape[1], DTYPE_CODES[delta.dtype])
+        if chosen == "cpu":
+            _C.cge_one_channel_linear_cpu(*args)
+        else:
+            _C.cge_one_channel_linear_cuda(*args, cuda_stream(delta.device))
     return out
