@@ -143,3 +143,30 @@ def test_retained_heap_sets_and_restores_glibc_options_once(monkeypatch):
     with allocator.retained_heap():
         pass
     assert calls == []
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 3, 64, 4, 4), (2, 5, 32, 1, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_batchnorm_delta_matches_float64_twin(k, b, c, h, w, affine, relu):
+    from zokernels.engine.delta import batch_statistics
+    from zokernels.reference.engine_ref import batchnorm_delta_ref
+    x = replicas_channels_last(1, b, c, h, w)[0]
+    g = torch.Generator().manual_seed(1)
+    delta = (torch.randn(k * b, c, h, w, generator=g) * 1e-3).contiguous(memory_format=torch.channels_last)
+    delta = delta.view(k, b, c, h, w)
+    bn = nn.BatchNorm2d(c, affine=affine)
+    if affine:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    centered, root = batch_statistics(x, bn.eps)
+    base_out = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    base_out = base_out.contiguous(memory_format=torch.channels_last)
+    out = fused.batchnorm_delta(delta, centered, root, bn.weight, base_out if relu else None)
+    assert out is not None
+    expected = batchnorm_delta_ref(x, delta, bn.weight, bn.bias, bn.eps, base_out if relu else None)
+    # δ ~ 1e-3 and formed directly: float32 rounding of the delta itself (~1e-7 relative) plus float32 base
+    # statistics (their error enters relative to δ, not to x); 1e-5 of the delta's scale is ~100x that
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5 * scale, rtol=0)

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../../csrc/cpu/batchnorm_delta_cpu.h"
 #include "../../csrc/cpu/batchnorm_replicas_cpu.h"
 
 namespace py = pybind11;
@@ -27,5 +28,18 @@ void register_engine_cpu(py::module_& m) {
       py::arg("x"), py::arg("out"), py::arg("replicas"), py::arg("rows"), py::arg("channels"), py::arg("center"),
       py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("relu"),
       "Per-replica training-mode BN (+ReLU) over channels-last [K, N, C] float32; weight/bias may be 0 (none).");
+  m.def(
+      "batchnorm_delta",
+      [](uintptr_t delta, uintptr_t centered, uintptr_t root, uintptr_t weight, uintptr_t base_out, uintptr_t out,
+         int64_t replicas, int64_t rows, int64_t channels) {
+        py::gil_scoped_release release;
+        zokernels::batchnorm_delta_cpu(pointer<const float>(delta), pointer<const float>(centered),
+                                       pointer<const float>(root), pointer<const float>(weight),
+                                       pointer<const float>(base_out), pointer<float>(out), replicas, rows,
+                                       channels);
+      },
+      py::arg("delta"), py::arg("centered"), py::arg("root"), py::arg("weight"), py::arg("base_out"),
+      py::arg("out"), py::arg("replicas"), py::arg("rows"), py::arg("channels"),
+      "Exact change of training-mode BN (and ReLU when base_out != 0) for K replicas of channels-last δ rows.");
 }
 }  // namespace zokernels_bindings

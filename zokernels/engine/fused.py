@@ -1,9 +1,10 @@
-"""Fused CPU kernels for the engine's dense stage (perturbed form), with their dispatch and layout checks.
+"""Fused CPU kernels for the engine's dense stage, with their layout checks. Each returns None where it does not
+apply (not float32, not channels-last rows, no `_C`), and the caller then uses the torch formula.
 
-`batchnorm_replicas` is training-mode BN (optionally followed by ReLU) for K replicas at once, each with its own
-batch statistics. On float32 channels-last replicas it runs `_C.batchnorm_replicas` (two streaming passes, double
-accumulation); elsewhere it returns None and the caller uses the torch formula. Its twin is
-`zokernels.reference.engine_ref.batchnorm_replicas_ref`."""
+- `batchnorm_replicas` (perturbed form): training-mode BN (+ReLU) of K replicas, each with its own batch
+  statistics; two streaming passes with double accumulation. Twin: `reference.engine_ref.batchnorm_replicas_ref`.
+- `batchnorm_delta` (exact delta form): the change of training-mode BN (+ReLU) for K dense δs, from δ and the
+  base statistics, never forming either side. Twin: `reference.engine_ref.batchnorm_delta_ref`."""
 from __future__ import annotations
 
 import torch
@@ -12,19 +13,28 @@ from torch import nn
 from .. import backends
 
 
-def channels_last_rows(perturbed: torch.Tensor) -> bool:
-    """True when [K, B, C, H, W] stores every replica as contiguous (B, H, W, C) rows: the kernel's [K, N, C]."""
-    if perturbed.dim() != 5:
+def channels_last_rows(t: torch.Tensor) -> bool:
+    """True when t stores contiguous rows of C channels, C last in memory: [K, B, C, H, W] or [B, C, H, W] in
+    channels-last layout ((B, H, W, C) rows), or contiguous [K, B, C] / [B, C]. That is the kernels' [.., N, C]."""
+    if t.dim() in (2, 3):
+        return t.is_contiguous()
+    if t.dim() not in (4, 5):
         return False
-    k, b, c, h, w = perturbed.shape
-    expected = (b * h * w * c, h * w * c, 1, w * c, c)
-    return all(stride == want for stride, want, size in zip(perturbed.stride(), expected, perturbed.shape)
-               if size > 1)
+    *lead, c, h, w = t.shape
+    expected = [h * w * c, 1, w * c, c]
+    if t.dim() == 5:
+        expected.insert(0, lead[1] * h * w * c)
+    return all(stride == want for stride, want, size in zip(t.stride(), expected, t.shape) if size > 1)
 
 
-def fused_available(perturbed: torch.Tensor) -> bool:
-    return (backends._C is not None and perturbed.device.type == "cpu" and perturbed.dtype == torch.float32
-            and channels_last_rows(perturbed) and backends.availability()["cpu"].available)
+def fused_available(*tensors: torch.Tensor) -> bool:
+    return (backends._C is not None and backends.availability()["cpu"].available
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and channels_last_rows(t) for t in tensors))
+
+
+def _rows_and_channels(replicas: torch.Tensor) -> tuple[int, int]:
+    channels = replicas.shape[2]
+    return replicas[0].numel() // channels, channels
 
 
 def _pointer(t: torch.Tensor | None) -> int:
@@ -40,11 +50,30 @@ def batchnorm_replicas(perturbed: torch.Tensor, module: nn.modules.batchnorm._Ba
     params = [t for t in (module.weight, module.bias) if t is not None]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in params):
         return None
-    k, b, c, h, w = perturbed.shape
+    rows, channels = _rows_and_channels(perturbed)
     out = torch.empty_like(perturbed)
     center = center.detach().to(torch.float32).contiguous()
     weight = None if module.weight is None else module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
-    backends._C.batchnorm_replicas(perturbed.data_ptr(), out.data_ptr(), k, b * h * w, c, center.data_ptr(),
-                                   _pointer(weight), _pointer(bias), float(module.eps), relu)
+    backends._C.batchnorm_replicas(perturbed.data_ptr(), out.data_ptr(), perturbed.shape[0], rows, channels,
+                                   center.data_ptr(), _pointer(weight), _pointer(bias), float(module.eps), relu)
+    return out
+
+
+def batchnorm_delta(delta: torch.Tensor, centered: torch.Tensor, root: torch.Tensor, weight: torch.Tensor | None,
+                    base_out: torch.Tensor | None) -> torch.Tensor | None:
+    """The exact change of training-mode BN for a dense δ [K, B, C, ...] (and of the ReLU after it when base_out,
+    BN's base output, is given), or None where the fused kernel does not apply. centered = x − mean(x) and
+    root = sqrt(var(x) + eps) of the base input (engine/delta.py `batch_statistics`)."""
+    operands = [delta, centered] + ([base_out] if base_out is not None else [])
+    if not fused_available(*operands) or delta.shape[1:] != centered.shape or delta.shape[2] > 256:
+        return None
+    if weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()):
+        return None
+    rows, channels = _rows_and_channels(delta)
+    out = torch.empty_like(delta)
+    root = root.detach().to(torch.float32).contiguous()
+    weight = None if weight is None else weight.detach()
+    backends._C.batchnorm_delta(delta.data_ptr(), centered.data_ptr(), root.data_ptr(), _pointer(weight),
+                                _pointer(base_out), out.data_ptr(), delta.shape[0], rows, channels)
     return out

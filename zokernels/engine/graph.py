@@ -106,13 +106,16 @@ def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delt
     inputs = [a for a in node.all_input_nodes if a in deltas]
     if not inputs:
         return None
+    if _is_relu(captured, node) and deltas[node.args[0]].relu_applied:
+        done = deltas[node.args[0]]  # a fused BN + ReLU kernel already applied this ReLU
+        return Delta(done.values, done.channels, perturbed=done.perturbed)
     if any(deltas[a].perturbed for a in inputs):
         result = _propagate_perturbed(captured, node, deltas)
         if result is not None:
             return result
     values = captured.values
     if node.op == "call_module":
-        rule = _module_rule(captured.module(node))
+        rule = _module_rule(captured.module(node), captured)
     elif node.op == "call_function":
         rule = _function_rule(node)
     elif node.op == "call_method":
@@ -139,13 +142,13 @@ def _first(node: fx.Node, values, deltas) -> tuple[torch.Tensor, Delta | None]:
     return values[source], deltas.get(source)
 
 
-def _module_rule(module: nn.Module):
+def _module_rule(module: nn.Module, captured: CapturedModel):
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return lambda n, v, d: _conv2d(n, v, d, module)
     if isinstance(module, nn.Linear):
         return lambda n, v, d: _linear(n, v, d, module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return lambda n, v, d: _batchnorm(n, v, d, module)
+        return lambda n, v, d: _batchnorm(n, v, d, module, captured)
     if isinstance(module, nn.ReLU):
         return lambda n, v, d: rules.relu_delta(*_first(n, v, d))
     if isinstance(module, nn.Tanh):
@@ -187,8 +190,6 @@ def _propagate_perturbed(captured: CapturedModel, node: fx.Node, deltas: dict[fx
             if rules.batchnorm_uses_batch_stats(module):
                 return _batchnorm_train_perturbed(captured, node, x, module)
             return Delta(rules.per_sample_apply(module, x), perturbed=True)
-        if _is_relu(captured, node) and deltas[node.args[0]].relu_applied:
-            return Delta(deltas[node.args[0]].values, perturbed=True)
         if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
             return Delta(rules.per_sample_apply(lambda t: rules.conv2d_channels_last(t, module),
                                                 load(node.args[0])), perturbed=True)
@@ -235,14 +236,31 @@ def _linear(node, values, deltas, module: nn.Linear):
     return rules.linear_delta(deltas[node.args[0]], module)
 
 
-def _batchnorm(node, values, deltas, module):
+def _batchnorm(node, values, deltas, module, captured: CapturedModel):
     x, delta = _first(node, values, deltas)
     if rules.batchnorm_uses_batch_stats(module):
         key = (node, "batch_statistics")
         if key not in values.derived:
             values.derived[key] = rules.batch_statistics(x, module.eps)
+        if delta.channels is None:
+            fused_result = _fused_batchnorm_delta(captured, node, delta, module, values.derived[key])
+            if fused_result is not None:
+                return fused_result
         return rules.batchnorm_train_delta(x, delta, module.weight, values.derived[key])
     return rules.batchnorm_eval_delta(x, delta, module)
+
+
+def _fused_batchnorm_delta(captured: CapturedModel, node: fx.Node, delta: Delta, module, statistics) -> \
+        Delta | None:
+    """The dense BN-train delta (and the ReLU delta after it, when that ReLU is BN's only user) in one kernel."""
+    users = list(node.users)
+    relu = len(users) == 1 and _is_relu(captured, users[0])
+    centered, root = statistics
+    out = fused.batchnorm_delta(delta.values, centered, root, module.weight,
+                                captured.values[node] if relu else None)
+    if out is None:
+        return None
+    return Delta(out, relu_applied=relu)  # β cancels in a delta; γ is applied in the kernel
 
 
 def _shortcut_or_pool(node, values, deltas, module):

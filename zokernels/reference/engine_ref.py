@@ -14,3 +14,16 @@ def batchnorm_replicas_ref(perturbed: torch.Tensor, weight: torch.Tensor | None,
                                              None if bias is None else bias.double(), training=True, eps=eps)
         outputs.append(out.relu() if relu else out)
     return torch.stack(outputs)
+
+
+def batchnorm_delta_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float, base_out: torch.Tensor | None) -> torch.Tensor:
+    """BN(x + δ_k) − BN(x) in float64 for training-mode BN, both sides formed and subtracted (exact enough in
+    float64 for float32-sized inputs); then, if base_out (BN's base output y) is given, ReLU(y + dy) − ReLU(y)
+    around that y, as the engine does (it carries changes around the base values it cached)."""
+    base = batchnorm_replicas_ref(x.unsqueeze(0), weight, bias, eps, False)
+    change = batchnorm_replicas_ref(x.unsqueeze(0).double() + delta.double(), weight, bias, eps, False) - base
+    if base_out is None:
+        return change
+    y = base_out.double().unsqueeze(0)
+    return torch.relu(y + change) - torch.relu(y)
