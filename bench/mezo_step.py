@@ -69,7 +69,7 @@ def timing(repeats: int) -> list[dict]:
         "zokernels_inplace": lambda: mezo_step(model, batch, lm.classification_loss, mu=1e-3, lr=1e-7, seed=1,
                                                mode="inplace"),
     }
-    cases["zokernels_exact"]()  # builds the once-per-process libm fixup table outside the timing
+    cases["zokernels_exact"]()  # warm-up outside the timing (allocator, OpenMP team)
     steps = {name: best_time(fn, repeats) for name, fn in cases.items()}
     forward = min(forward, best_time(one_forward, repeats))  # re-measured after the cases: same warm state
     for name, step in steps.items():
@@ -129,7 +129,12 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child)
         return
+    load_before = os.getloadavg()
     rows = timing(args.repeats)
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
+    for r in rows:
+        r["load_avg_before"], r["load_avg_after"] = load_before[0], load_after[0]
     for r in rows:
         print(f"{r['case']:20s} step {r['step_s'] * 1e3:7.1f} ms  2 forwards {r['two_forwards_s'] * 1e3:6.1f} ms  "
               f"outside {r['outside_forward_s'] * 1e3:7.1f} ms ({100 * r['outside_share']:.0f}%)  "
