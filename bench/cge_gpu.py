@@ -60,6 +60,7 @@ def ops_rows(model, x, mask, replicas: int, device: torch.device) -> list[dict]:
     bn = BatchNormSpec.from_module(model.bn1)
     weight2 = model.layer1[0].conv1.weight.detach()
     first = first_layer_delta(x, y, coords, steps, 1, 1, bn=bn, backend="torch")
+    rows += engine_rule_rows(model, x, y, chosen, steps, device)
     for backend in backends_for(device):
         t_first = timed(lambda: first_layer_delta(x, y, coords, steps, 1, 1, bn=bn, backend=backend), device)
         t_mix = timed(lambda: one_channel_conv2d(first, coords[:, 0], weight2, 1, 1, backend=backend), device)
@@ -76,6 +77,28 @@ def ops_rows(model, x, mask, replicas: int, device: torch.device) -> list[dict]:
     if device.type == "cuda":
         rows += graph_rows(x, y, coords, steps, bn, weight2, device)
     return rows
+
+
+def engine_rule_rows(model, x, y, indices, steps, device) -> list[dict]:
+    """The engine's own path for the same coordinates: seed (unfold cache reused) + BN-train rule + ReLU rule,
+    and its grouped conv at the next layer."""
+    from zokernels.engine import delta as rules
+    from zokernels.engine.cge_engine import seed_delta
+
+    class Node:  # the two things seed_delta reads from an fx node
+        args = ("x",)
+    captured = type("Captured", (), {"values": {"x": x, Node: y}})()
+    bn_out, statistics, cache = model.bn1(y), rules.batch_statistics(y, model.bn1.eps), {}
+
+    def chain():
+        seed = seed_delta(captured, Node, model.conv1, "weight", indices, steps.double(), cache)
+        return rules.relu_delta(bn_out, rules.batchnorm_train_delta(y, seed, model.bn1.weight, statistics))
+    first = chain()
+    conv = model.layer1[0].conv1
+    return [{"op": "first_layer_delta conv1+bn+relu", "backend": "engine rules", "K": indices.numel(),
+             "ms": timed(chain, device) * 1e3},
+            {"op": "one_channel_conv2d layer1.0.conv1", "backend": "engine rules", "K": indices.numel(),
+             "ms": timed(lambda: rules.conv2d_delta(first, bn_out, conv), device) * 1e3}]
 
 
 def graph_rows(x, y, coords, steps, bn, weight2, device) -> list[dict]:

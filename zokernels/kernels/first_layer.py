@@ -109,7 +109,8 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
     if bn is not None and bn.train and y.numel() == y.shape[1]:
         raise ValueError(f"BN in train mode needs more than one value per channel (as torch's batch_norm), got y "
                          f"of shape {tuple(y.shape)}")
-    chosen = choose_backend("cge_first_layer_delta", IMPLEMENTED, backend, x.device)
+    # the C++ twin replays the CUDA block's 256 strided threads: a correctness twin, slower than torch on CPU
+    chosen = choose_backend("cge_first_layer_delta", IMPLEMENTED, backend, x.device, ("cuda", "triton", "torch"))
     if chosen == "torch":
         return _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu)
     x4, y4 = (x[:, :, None, None], y[:, :, None, None]) if linear else (x, y)
