@@ -296,7 +296,8 @@ def test_mixing_bad_arguments():
 
 
 def test_default_backend_on_cpu_tensors_matches_twin():
-    """backend=None on CPU tensors: the C++ twin when _C has it, else torch (never the slow interpreter)."""
+    """backend=None on CPU tensors: torch for these two ops (the C++ twins are slower there), never the slow
+    interpreter."""
     x, y, coords, steps = _first_layer_args()
     bn = random_bn("train", 3)
     ref = first_layer_delta_ref(x, y, coords, steps, (1, 1), (1, 1), (1, 1), bn, True)
