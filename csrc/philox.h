@@ -130,21 +130,19 @@ ZK_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   *z1 = zk_mul(radius, sine);
 }
 
-// Element i of the stream uses lane i % 4 of Philox block i / 4; lanes (0,1) and (2,3) are Box-Muller pairs.
-ZK_HOST_DEVICE float philox_normal_at(uint64_t seed, uint64_t stream, uint64_t index) {
-  const Uint4 r = philox4x32_10(index >> 2, stream, seed);
-  float z0, z1;
-  const unsigned lane = static_cast<unsigned>(index & 3u);
-  if (lane < 2) box_muller(r.x, r.y, &z0, &z1);
-  else box_muller(r.z, r.w, &z0, &z1);
-  return (lane & 1u) ? z1 : z0;
-}
-
-// All four normals of Philox block `block`: elements 4*block .. 4*block+3 of the stream.
+// All four normals of Philox block `block`: elements 4*block .. 4*block+3 of the stream (the CUDA sweep's unit).
 ZK_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t stream, uint64_t block, float out[4]) {
   const Uint4 r = philox4x32_10(block, stream, seed);
   box_muller(r.x, r.y, &out[0], &out[1]);
   box_muller(r.z, r.w, &out[2], &out[3]);
+}
+
+// Element i of the stream uses lane i % 4 of Philox block i / 4; lanes (0,1) and (2,3) are Box-Muller pairs.
+// Defined through philox_normal4 so that the CPU tests (philox_normal_scalar) execute the CUDA element path.
+ZK_HOST_DEVICE float philox_normal_at(uint64_t seed, uint64_t stream, uint64_t index) {
+  float out[4];
+  philox_normal4(seed, stream, index >> 2, out);
+  return out[index & 3u];
 }
 
 }  // namespace zokernels
