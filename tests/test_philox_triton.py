@@ -146,7 +146,7 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from zokernels.kernels.triton import philox_sweep as ps
-sig = dict(table_ptr="*i64", tiles_ptr="*i64", words_ptr="*i64", floats_ptr="*fp32", n_terms="i32", n_tensors="i32",
+sig = dict(table_ptr="*i64", tiles_ptr="*i64", words_ptr="*i64", floats_ptr="*fp32", n_terms="i32",
            DTYPE="constexpr", WIDE="constexpr", BF16_BITS="constexpr", HAS_MINUS="constexpr", BLOCK="constexpr")
 for arch in (80, 90):
     for dtype, bf16 in ((tl.float32, False), (tl.uint16, True), (tl.float16, False)):

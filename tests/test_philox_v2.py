@@ -75,3 +75,12 @@ def test_cpu_scalar_definition_equals_reference_on_fresh_seeds():
         backends._C.philox_normal_scalar(got.ctypes.data, got.size, seed, stream, offset)
         want = philox_ref.philox_normal_ref(got.size, seed, stream, offset)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{seed} {stream} {offset}")
+
+
+def test_cuda_tile_size_matches_the_host_tables():
+    # zokernels.philox builds the CUDA tile table for CUDA_BLOCK elements per tile; the kernel covers 4 * kThreads.
+    from zokernels import philox
+
+    source = (HEADER.parent / "cuda" / "philox_sweep.cu").read_text()
+    threads = int(re.search(r"constexpr int kThreads = (\d+);", source).group(1))
+    assert 4 * threads == philox.CUDA_BLOCK

@@ -80,7 +80,7 @@ def _box_muller(a, b):
 
 
 @triton.jit
-def _philox_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms, n_tensors,
+def _philox_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms,
                          DTYPE: tl.constexpr, WIDE: tl.constexpr, BF16_BITS: tl.constexpr, HAS_MINUS: tl.constexpr,
                          BLOCK: tl.constexpr):
     """words: [seed lo, seed hi, (stream lo, stream hi) per term]; floats: [coeff per term, scale per tensor]."""
@@ -159,7 +159,7 @@ def philox_sweep_triton(table, tiles, words, floats, n_terms: int, dtype_name: s
     if n_tiles == 0:
         return
     _philox_sweep_kernel[(n_tiles,)](
-        table, tiles, words, floats, n_terms, table.shape[0], DTYPE=_TL_DTYPES[dtype_name],
+        table, tiles, words, floats, n_terms, DTYPE=_TL_DTYPES[dtype_name],
         WIDE=_WIDE.get(dtype_name, tl.float32),
         BF16_BITS=dtype_name == "bfloat16", HAS_MINUS=has_minus, BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False)
