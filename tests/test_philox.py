@@ -106,3 +106,18 @@ def test_bad_arguments_are_named():
         philox.add_normal_combination_([torch.zeros(4, dtype=torch.int32)], [0], 1, [(0, 1.0)])
     with pytest.raises(ValueError, match="offsets"):
         philox.add_normal_combination_([torch.zeros(4)], [], 1, [(0, 1.0)])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_sweep_rounds_like_torch_at_the_extremes(dtype):
+    # subnormal results, values near the overflow threshold (fp16: 65504 rounds up to inf past 65520) and zeros
+    info = torch.finfo(dtype)
+    base = torch.tensor([0.0, info.tiny * 0.25, info.tiny, -info.tiny * 3, info.max * 0.999, -info.max * 0.999])
+    x = base.repeat(5000).to(dtype)
+    for coeff in (info.tiny * 0.5, info.max * 0.002):
+        z = philox.philox_normal(x.numel(), 3, 1, 7, backend="cpu")
+        expected = (x.float() + np.float32(coeff) * z).to(dtype)
+        got = x.clone()
+        philox.add_normal_combination_([got], [7], 3, [(1, coeff)], backend="cpu")
+        assert torch.equal(got, expected), coeff
