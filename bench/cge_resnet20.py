@@ -12,6 +12,7 @@ A row is appended to bench/results/cge_resnet20.csv."""
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import time
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from zokernels.engine import cge_engine
+from zokernels.engine.allocator import retained_heap
 from zokernels.engine.heads import Head
 from zokernels.estimators.common import QueryGuard
 from zokernels.models import resnet20
@@ -84,17 +86,30 @@ def sampled(indices: torch.Tensor, count: int, generator: torch.Generator) -> to
     return indices[torch.randperm(indices.numel(), generator=generator)[:count]]
 
 
+def tune_pass_sizes(captured, head, named, mask, sites, last_use, base, budget, generator):
+    """What the first step of a training run does: time the candidate pass sizes per parameter (cached on the
+    capture for later steps). Runs on coordinates apart from the timed sample."""
+    for name, param in named:
+        indices = torch.nonzero(mask[name].reshape(-1)).flatten()
+        k_max = cge_engine.replicas_per_pass(captured, sites[name][0], budget)
+        needed = 2 * sum(cge_engine.pass_size_candidates(k_max))
+        cge_engine._estimate_parameter(captured, head, sites[name], name, param, sampled(indices, needed, generator),
+                                       5e-3, False, base, budget, last_use)
+
+
 @torch.no_grad()
-def time_engine(model, batch, mask, sample, budget, generator):
-    """Extrapolated engine step time and the estimates on the sampled coordinates."""
-    captured = cge_engine.prepare(model)
+def time_engine(model, batch, mask, sample, budget, generator, dense_mode):
+    """Extrapolated engine step time (pass sizes tuned beforehand, as after a run's first step) and the estimates
+    on the sampled coordinates."""
+    captured = cge_engine.prepare(model, dense_mode)
     head, named = Head("cross_entropy", batch), list(model.named_parameters())
     guard = QueryGuard(model, [p for _, p in named])
-    with guard:
+    with guard, retained_heap():
         start = time.perf_counter()
         base = cge_engine.engine_base(captured, batch, head, lambda b: (b[0],), guard)
         total = time.perf_counter() - start
         sites, last_use = cge_engine.parameter_sites(captured), cge_engine._last_uses(captured)
+        tune_pass_sizes(captured, head, named, mask, sites, last_use, base, budget, generator)
         samples, estimates = {}, {}
         for name, param in named:
             indices = torch.nonzero(mask[name].reshape(-1)).flatten()
@@ -115,7 +130,10 @@ def main() -> None:
     parser.add_argument("--baseline-sample", type=int, default=4, help="coordinates timed per parameter (baseline)")
     parser.add_argument("--oracle-coordinates", type=int, default=24)
     parser.add_argument("--max-memory-bytes", type=int, default=cge_engine.DEFAULT_MAX_MEMORY_BYTES)
+    parser.add_argument("--dense-mode", choices=cge_engine.DENSE_MODES, default="delta")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = resnet20().train()
@@ -132,16 +150,17 @@ def main() -> None:
     reset_peak_rss()
     rss_before = peak_rss_bytes()
     engine_s, samples, engine_est = time_engine(model, (x, y), mask, args.engine_sample, args.max_memory_bytes,
-                                                generator)
+                                                generator, args.dense_mode)
     engine_peak = peak_rss_bytes() - rss_before
     baseline = BlockReuseBaseline(model, x, y)
     baseline_s = 0.0
-    for name, param in model.named_parameters():
-        indices = torch.nonzero(mask[name].reshape(-1)).flatten()
-        chosen = samples[name][:args.baseline_sample]
-        start = time.perf_counter()
-        baseline.estimate(name, param, chosen, 5e-3)
-        baseline_s += (time.perf_counter() - start) * indices.numel() / max(1, chosen.numel())
+    with retained_heap():  # the same allocator setting as the engine's, so the ratio is not about malloc
+        for name, param in model.named_parameters():
+            indices = torch.nonzero(mask[name].reshape(-1)).flatten()
+            chosen = samples[name][:args.baseline_sample]
+            start = time.perf_counter()
+            baseline.estimate(name, param, chosen, 5e-3)
+            baseline_s += (time.perf_counter() - start) * indices.numel() / max(1, chosen.numel())
 
     # float64 oracle on a few coordinates (the naive difference in float64), vs engine and baseline in float32
     names = [n for n, _ in model.named_parameters()]
@@ -165,6 +184,7 @@ def main() -> None:
         "baseline_forward_equivalents": round(baseline_s / forward_s, 1), "ratio": round(baseline_s / engine_s, 2),
         "engine_max_err_vs_f64": f"{max(errors_engine):.3g}", "baseline_max_err_vs_f64": f"{max(errors_base):.3g}",
         "engine_peak_rss_mb": round(engine_peak / 2**20), "budget_mb": round(args.max_memory_bytes / 2**20),
+        "dense_mode": args.dense_mode, "load_avg_1min_end": f"{os.getloadavg()[0]:.2f}",
     }
     for key, value in row.items():
         print(f"{key:>30}: {value}")

@@ -170,3 +170,20 @@ def test_batchnorm_delta_matches_float64_twin(k, b, c, h, w, affine, relu):
     # statistics (their error enters relative to δ, not to x); 1e-5 of the delta's scale is ~100x that
     scale = expected.abs().max().item()
     torch.testing.assert_close(out.double(), expected, atol=1e-5 * scale, rtol=0)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 1, 1, 1, 1)])
+@pytest.mark.parametrize("with_b", [True, False])
+def test_residual_relu_delta_matches_float64_twin(k, b, c, h, w, with_b):
+    from zokernels.reference.engine_ref import residual_relu_delta_ref
+    y = replicas_channels_last(1, b, c, h, w, seed=2)[0] - 3.0  # about half the base values negative
+    da = replicas_channels_last(k, b, c, h, w, seed=3) - 3.0
+    db = (replicas_channels_last(k, b, c, h, w, seed=4) - 3.0) if with_b else None
+    out = fused.residual_relu_delta(da, db, y)
+    assert out is not None
+    # max/min are exact; a + b and the final add round once each: within one float32 ulp of each operand's
+    # magnitude (|a + b|, |y| <= 8 here)
+    expected = residual_relu_delta_ref(da, db, y)
+    torch.testing.assert_close(out.double(), expected, atol=2 * 8 * 2 ** -24, rtol=0)
+    assert fused.residual_relu_delta(da.double(), None, y.double()) is None

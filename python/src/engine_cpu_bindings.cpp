@@ -6,6 +6,7 @@
 
 #include "../../csrc/cpu/batchnorm_delta_cpu.h"
 #include "../../csrc/cpu/batchnorm_replicas_cpu.h"
+#include "../../csrc/cpu/residual_relu_delta_cpu.h"
 
 namespace py = pybind11;
 
@@ -41,5 +42,14 @@ void register_engine_cpu(py::module_& m) {
       py::arg("delta"), py::arg("centered"), py::arg("root"), py::arg("weight"), py::arg("base_out"),
       py::arg("out"), py::arg("replicas"), py::arg("rows"), py::arg("channels"),
       "Exact change of training-mode BN (and ReLU when base_out != 0) for K replicas of channels-last δ rows.");
+  m.def(
+      "residual_relu_delta",
+      [](uintptr_t a, uintptr_t b, uintptr_t y, uintptr_t out, int64_t replicas, int64_t numel) {
+        py::gil_scoped_release release;
+        zokernels::residual_relu_delta_cpu(pointer<const float>(a), pointer<const float>(b),
+                                           pointer<const float>(y), pointer<float>(out), replicas, numel);
+      },
+      py::arg("a"), py::arg("b"), py::arg("y"), py::arg("out"), py::arg("replicas"), py::arg("numel"),
+      "out = max(a + b, -y) + min(y, 0) per replica (b may be 0): the exact change of ReLU(y + a + b).");
 }
 }  // namespace zokernels_bindings

@@ -4,7 +4,9 @@ apply (not float32, not channels-last rows, no `_C`), and the caller then uses t
 - `batchnorm_replicas` (perturbed form): training-mode BN (+ReLU) of K replicas, each with its own batch
   statistics; two streaming passes with double accumulation. Twin: `reference.engine_ref.batchnorm_replicas_ref`.
 - `batchnorm_delta` (exact delta form): the change of training-mode BN (+ReLU) for K dense δs, from δ and the
-  base statistics, never forming either side. Twin: `reference.engine_ref.batchnorm_delta_ref`."""
+  base statistics, never forming either side. Twin: `reference.engine_ref.batchnorm_delta_ref`.
+- `residual_relu_delta`: ReLU(y + δa + δb) − ReLU(y) in one pass (a residual block's end). Twin:
+  `reference.engine_ref.residual_relu_delta_ref`."""
 from __future__ import annotations
 
 import torch
@@ -76,4 +78,16 @@ def batchnorm_delta(delta: torch.Tensor, centered: torch.Tensor, root: torch.Ten
     weight = None if weight is None else weight.detach()
     backends._C.batchnorm_delta(delta.data_ptr(), centered.data_ptr(), root.data_ptr(), _pointer(weight),
                                 _pointer(base_out), out.data_ptr(), delta.shape[0], rows, channels)
+    return out
+
+
+def residual_relu_delta(a: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """ReLU(y + a + b) − ReLU(y) for K replicas of dense deltas a, b [K, *y.shape] (b may be None), or None where
+    the fused kernel does not apply. All operands must share one memory layout per replica."""
+    operands = [a, y] + ([b] if b is not None else [])
+    if not fused_available(*operands) or a.shape[1:] != y.shape or (b is not None and (
+            b.shape != a.shape or b.stride() != a.stride())) or a[0].stride() != y.stride():
+        return None
+    out = torch.empty_like(a)
+    backends._C.residual_relu_delta(a.data_ptr(), _pointer(b), y.data_ptr(), out.data_ptr(), a.shape[0], y.numel())
     return out

@@ -109,6 +109,9 @@ def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delt
     if _is_relu(captured, node) and deltas[node.args[0]].relu_applied:
         done = deltas[node.args[0]]  # a fused BN + ReLU kernel already applied this ReLU
         return Delta(done.values, done.channels, perturbed=done.perturbed)
+    fused_add = _fused_residual_relu(captured, node, deltas)
+    if fused_add is not None:
+        return fused_add
     if any(deltas[a].perturbed for a in inputs):
         result = _propagate_perturbed(captured, node, deltas)
         if result is not None:
@@ -227,6 +230,25 @@ def _batchnorm_train_perturbed(captured: CapturedModel, node: fx.Node, x: torch.
     if out is None:
         return Delta(rules.batchnorm_train_perturbed(x, module), perturbed=True)
     return Delta(out, perturbed=True, relu_applied=relu)
+
+
+def _fused_residual_relu(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta]) -> Delta | None:
+    """a + b followed by its only user, a ReLU, on dense deltas: both rules in one fused pass."""
+    if not (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)):
+        return None
+    users = list(node.users)
+    if len(users) != 1 or not _is_relu(captured, users[0]):
+        return None
+    present = [deltas[a] for a in node.args if a in deltas]
+    if any(d.channels is not None or d.perturbed for d in present):
+        return None
+    values = captured.values
+    if values[node.args[0]].shape != values[node.args[1]].shape:
+        return None
+    out = fused.residual_relu_delta(present[0].values, present[1].values if len(present) == 2 else None,
+                                    values[node])
+    return None if out is None else Delta(out, relu_applied=True)
 
 
 def _linear(node, values, deltas, module: nn.Linear):

@@ -27,3 +27,9 @@ def batchnorm_delta_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
         return change
     y = base_out.double().unsqueeze(0)
     return torch.relu(y + change) - torch.relu(y)
+
+
+def residual_relu_delta_ref(a: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """ReLU(y + a + b) − ReLU(y) in float64, both sides formed."""
+    total = a.double() + (0 if b is None else b.double())
+    return torch.relu(y.double() + total) - torch.relu(y.double())
