@@ -175,3 +175,11 @@ def test_kernel_compiles_for_gpus_without_fma_or_approximate_sqrt(tmp_path):
     for line in lines:
         arch, dtype, fma, approx, sqrt_rn = line.split()
         assert (fma, approx) == ("0", "0") and int(sqrt_rn) > 0, line
+
+
+def test_offsets_past_the_32_bit_block_counter():
+    # Philox block 2^32 - 1 -> 2^32: the counter's high word changes inside one tile.
+    x = torch.zeros(100)
+    offset = 2**34 - 37
+    philox.add_normal_combination_([x], [offset], 6, [(2, 1.0)], backend="triton")
+    assert torch.equal(x, torch.from_numpy(philox_normal_ref(100, 6, 2, offset)))
