@@ -115,7 +115,8 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     guard = QueryGuard(model, params)
     try:
         base, estimates, n_coordinates = _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head,
-                                                      model_input, guard, update_running_stats, max_memory_bytes)
+                                                      model_input, guard, update_running_stats, max_memory_bytes,
+                                                      used_backend)
     finally:
         if captured is not None:
             captured.values.clear()  # the capture is cached per model; its activations are not
@@ -126,8 +127,9 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
 
 
 def _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head, model_input, guard,
-                 update_running_stats, max_memory_bytes):
-    """Base loss, estimates and coordinate count of one CGE step, all queries inside the guard."""
+                 update_running_stats, max_memory_bytes, backend=None):
+    """Base loss, estimates and coordinate count of one CGE step, all queries inside the guard. `backend`: the
+    resolved backend; 'triton'/'cuda' make the engine run the GPU kernels where they apply."""
     with guard:
         if captured is not None:
             base = engine_base(captured, batch, head, model_input, guard)
@@ -139,7 +141,7 @@ def _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head,
         if captured is not None:
             naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base)
             estimates, n_coordinates = engine_estimates(captured, head, mu, named, mask, scheme, base,
-                                                        max_memory_bytes, naive)
+                                                        max_memory_bytes, naive, backend)
         else:
             estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
     return base, estimates, n_coordinates

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from ..estimators.cge import estimate_each_parameter
 from ..estimators.common import QueryGuard
+from ..kernels.engine_adapter import KERNEL_BACKENDS, fused_seed_delta
 from . import delta as rules
 from .allocator import retained_heap
 from .delta import Delta
@@ -141,8 +142,10 @@ def _last_uses(captured: CapturedModel) -> dict[fx.Node, int]:
     return {n: max((position[u] for u in n.users), default=position[n]) for n in captured.nodes}
 
 
-def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use: dict[fx.Node, int]) -> Delta:
-    """Carries `seed` (the delta of `start`'s output) to the model output, freeing deltas after their last use."""
+def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use: dict[fx.Node, int],
+                 kernel_backend: str | None = None) -> Delta:
+    """Carries `seed` (the delta of `start`'s output) to the model output, freeing deltas after their last use.
+    kernel_backend: 'triton' or 'cuda' to run the GPU kernels where they apply (None: the torch rules)."""
     deltas: dict[fx.Node, Delta] = {start: seed}
     begin = captured.position[start] + 1
     for position, node in enumerate(captured.nodes[begin:], start=begin):
@@ -150,7 +153,7 @@ def output_delta(captured: CapturedModel, start: fx.Node, seed: Delta, last_use:
             result = deltas.get(node.args[0])
             return result if result is not None else Delta(torch.zeros(seed.replicas, *captured.values[
                 node.args[0]].shape, dtype=seed.values.dtype, device=seed.values.device))
-        changed = propagate(captured, node, deltas)
+        changed = propagate(captured, node, deltas, kernel_backend)
         if changed is not None:
             deltas[node] = changed
         for source in [n for n in deltas if last_use[n] <= position]:
@@ -174,9 +177,26 @@ def replicas_per_pass(captured: CapturedModel, start: fx.Node, max_memory_bytes:
     return max(1, min(by_memory, PASS_ACTIVATION_BYTES // largest))
 
 
-def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_loss, cache, last_use, name):
-    seed = seed_delta(captured, node, module, local, chunk, steps, cache)
-    out = output_delta(captured, node, seed, last_use)
+def kernel_backend_for(backend: str | None) -> str | None:
+    """The backend whose GPU kernels the engine calls, or None for the engine's own rules. On CPU the fused kernels
+    are slower than those rules (docs/gpu_kernels.md), so only an explicit triton/cuda choice turns them on."""
+    return backend if backend in KERNEL_BACKENDS else None
+
+
+def _start(captured, node, module, local, chunk, steps, cache, kernel_backend) -> tuple[fx.Node, Delta]:
+    """The node where propagation starts and its output's delta: after the fused layer → BN → ReLU kernel where it
+    applies, else the coordinate's own layer (seed rule)."""
+    if kernel_backend is not None:
+        fused = fused_seed_delta(captured, node, module, local, chunk, steps, backend=kernel_backend)
+        if fused is not None:
+            return fused
+    return node, seed_delta(captured, node, module, local, chunk, steps, cache)
+
+
+def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_loss, cache, last_use, name,
+                  kernel_backend=None):
+    start, seed = _start(captured, node, module, local, chunk, steps, cache, kernel_backend)
+    out = output_delta(captured, start, seed, last_use, kernel_backend)
     outputs = captured.values[captured.nodes[-1].args[0]]
     return head.change(outputs, out, base_loss, f"the queries of {name}[{chunk[0].item()}...]").cpu()
 
@@ -186,8 +206,8 @@ def pass_size_candidates(k_max: int) -> list[int]:
     return sorted({min(k_max, 1 << i) for i in range(k_max.bit_length())} | {k_max})
 
 
-def _tuned_pass_size(captured: CapturedModel, name: str, indices: torch.Tensor, k_max: int, run_chunk) -> tuple[
-        int, int]:
+def _tuned_pass_size(captured: CapturedModel, name: str, indices: torch.Tensor, k_max: int, run_chunk,
+                     kernel_backend: str | None = None) -> tuple[int, int]:
     """The fastest pass size per coordinate for `name` and how many of `indices` were consumed finding it.
 
     Which K is fastest depends on the machine's caches and allocator, not only on memory: on a 2-core CPU with
@@ -196,7 +216,7 @@ def _tuned_pass_size(captured: CapturedModel, name: str, indices: torch.Tensor, 
     and capture; later steps reuse the choice."""
     inputs = tuple(tuple(v.shape) for n, v in captured.values.items() if n.op == "placeholder" and
                    isinstance(v, torch.Tensor))
-    key = (name, k_max, captured.dense_mode, inputs)
+    key = (name, k_max, captured.dense_mode, inputs, kernel_backend)
     if key in captured.pass_sizes:
         return captured.pass_sizes[key], 0
     candidates = pass_size_candidates(k_max)
@@ -216,7 +236,7 @@ def _tuned_pass_size(captured: CapturedModel, name: str, indices: torch.Tensor, 
 
 @torch.no_grad()
 def _estimate_parameter(captured, head, site, name, param, indices, mu, central, base_loss, budget,
-                        last_use) -> torch.Tensor:
+                        last_use, kernel_backend: str | None = None) -> torch.Tensor:
     node, module, local = site
     estimate = torch.zeros(param.numel(), dtype=torch.float64)
     if indices.numel() == 0:
@@ -225,15 +245,17 @@ def _estimate_parameter(captured, head, site, name, param, indices, mu, central,
 
     def run_chunk(chunk: torch.Tensor) -> None:
         up, down = realized_steps(param, chunk, mu)
-        change_up = _loss_changes(captured, head, node, module, local, chunk, up, base_loss, cache, last_use, name)
+        change_up = _loss_changes(captured, head, node, module, local, chunk, up, base_loss, cache, last_use, name,
+                                  kernel_backend)
         if central:
             change_down = _loss_changes(captured, head, node, module, local, chunk, -down, base_loss, cache,
-                                        last_use, name)
+                                        last_use, name, kernel_backend)
             estimate[chunk] = (change_up - change_down) / (up + down)
         else:
             estimate[chunk] = change_up / up
 
-    k, tuned = _tuned_pass_size(captured, name, indices, replicas_per_pass(captured, node, budget), run_chunk)
+    k, tuned = _tuned_pass_size(captured, name, indices, replicas_per_pass(captured, node, budget), run_chunk,
+                                kernel_backend)
     for chunk in indices[tuned:].split(k):
         run_chunk(chunk)
     return estimate.view_as(param).to(param.dtype)
@@ -252,19 +274,22 @@ def engine_base(captured: CapturedModel, batch: Any, head: Head, model_input: Ca
 
 @torch.no_grad()
 def engine_estimates(captured: CapturedModel, head: Head, mu: float, named, mask, scheme: str, base_loss: float,
-                     max_memory_bytes: int | None, naive_parameter: Callable) -> tuple[dict[str, torch.Tensor], int]:
+                     max_memory_bytes: int | None, naive_parameter: Callable, backend: str | None = None) -> tuple[
+                         dict[str, torch.Tensor], int]:
     """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates.
 
     `naive_parameter(name, param, indices)` handles parameters the engine has no site for (e.g. a module called
-    twice) with full evaluations."""
+    twice) with full evaluations. `backend` (cge_step's resolved backend): 'triton' or 'cuda' runs the fused GPU
+    kernels where their pattern holds; anything else keeps the engine's own rules."""
     sites, last_use = parameter_sites(captured), _last_uses(captured)
     budget = DEFAULT_MAX_MEMORY_BYTES if max_memory_bytes is None else max_memory_bytes
+    kernel_backend = kernel_backend_for(backend)
 
     def estimate_one(name, param, indices):
         if name not in sites:
             return naive_parameter(name, param, indices)
         return _estimate_parameter(captured, head, sites[name], name, param, indices, mu, scheme == "central",
-                                   base_loss, budget, last_use)
+                                   base_loss, budget, last_use, kernel_backend)
 
     with retained_heap():
         return estimate_each_parameter(named, mask, estimate_one)

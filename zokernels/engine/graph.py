@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..kernels.engine_adapter import one_channel_conv2d_delta
 from ..models import ShortcutA
 from . import delta as rules
 from . import fused
@@ -101,8 +102,10 @@ def engine_blockers(captured: CapturedModel) -> list[str]:
     return blockers
 
 
-def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta]) -> Delta | None:
-    """The delta of `node`'s output given the deltas of its inputs (None if none of its inputs changed)."""
+def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delta],
+              kernel_backend: str | None = None) -> Delta | None:
+    """The delta of `node`'s output given the deltas of its inputs (None if none of its inputs changed).
+    kernel_backend: 'triton'/'cuda' runs the one-channel mixing kernel at convolutions (None: torch rules)."""
     inputs = [a for a in node.all_input_nodes if a in deltas]
     if not inputs:
         return None
@@ -118,7 +121,7 @@ def propagate(captured: CapturedModel, node: fx.Node, deltas: dict[fx.Node, Delt
             return result
     values = captured.values
     if node.op == "call_module":
-        rule = _module_rule(captured.module(node), captured)
+        rule = _module_rule(captured.module(node), captured, kernel_backend)
     elif node.op == "call_function":
         rule = _function_rule(node)
     elif node.op == "call_method":
@@ -145,9 +148,9 @@ def _first(node: fx.Node, values, deltas) -> tuple[torch.Tensor, Delta | None]:
     return values[source], deltas.get(source)
 
 
-def _module_rule(module: nn.Module, captured: CapturedModel):
+def _module_rule(module: nn.Module, captured: CapturedModel, kernel_backend: str | None = None):
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return lambda n, v, d: _conv2d(n, v, d, module)
+        return lambda n, v, d: _conv2d(n, v, d, module, kernel_backend)
     if isinstance(module, nn.Linear):
         return lambda n, v, d: _linear(n, v, d, module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -169,10 +172,15 @@ def _module_rule(module: nn.Module, captured: CapturedModel):
     return None
 
 
-def _conv2d(node, values, deltas, module: nn.Conv2d):
+def _conv2d(node, values, deltas, module: nn.Conv2d, kernel_backend: str | None = None):
     if any(a in deltas for a in node.all_input_nodes[1:]):
         return NotImplemented  # the rule covers a change of the input only
-    return rules.conv2d_delta(deltas[node.args[0]], values[node.args[0]], module)
+    delta = deltas[node.args[0]]
+    if kernel_backend is not None and delta.channels is not None:
+        mixed = one_channel_conv2d_delta(delta, module, kernel_backend)
+        if mixed is not None:
+            return mixed
+    return rules.conv2d_delta(delta, values[node.args[0]], module)
 
 
 PER_SAMPLE_MODULES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.Tanh, nn.Flatten, *ELEMENTWISE_MODULES, *POOL_MODULES,
