@@ -87,8 +87,9 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     With output_loss, engine='auto' uses the delta engine (exact incremental queries, K coordinates per pass
     within `max_memory_bytes`) whenever the model can be traced, else full evaluations. Once a convolution has
     made a coordinate's change dense, dense_mode='delta' (default) keeps the exact delta rules all the way;
-    'perturbed' carries x + δ through the model's own ops and forms δ again at the logits (ResNet-20: error vs
-    float64 1.6e-5 instead of 6.4e-7, no faster on the whole step on CPU; see docs/engine.md).
+    'perturbed' carries x + δ through the model's ops and forms δ again at the logits (float32 error at the naive
+    difference's level, about the same speed on CPU; see docs/engine.md). The pass size per parameter is timed
+    on the first step and kept with the model's cached capture.
 
     The base evaluation updates BN running statistics once (like a training forward) unless
     update_running_stats=False; the queries never do, and parameters are bit-identical afterwards even if the
