@@ -64,9 +64,9 @@ def sweep_rows(backend: str, device: str, repeats: int, label: str) -> list[dict
     copy = timed(lambda: other.copy_(flat), device, repeats)
     sweep_gbs, copy_gbs = 8 * n / ours / 1e9, 8 * n / copy / 1e9  # read + write 4 bytes each
     if device == "cpu" and torch.get_num_threads() == 1:
-        cpu_ns = best_thread_time(lambda: philox.add_normal_combination_(params, offsets, 1, [(0, 1e-3)],
-                                                                         backend=backend), repeats) / n * 1e9
-        ref_ns = best_thread_time(lambda: reference_perturb(params, 1e-3, 1), repeats) / n * 1e9
+        cpu_ns = best_time(lambda: philox.add_normal_combination_(params, offsets, 1, [(0, 1e-3)], backend=backend),
+                           repeats, clock=time.thread_time) / n * 1e9
+        ref_ns = best_time(lambda: reference_perturb(params, 1e-3, 1), repeats, clock=time.thread_time) / n * 1e9
         extra = {"cpu_time_ns_per_element": cpu_ns, "reference_cpu_time_ns_per_element": ref_ns}
     else:
         extra = {}
@@ -76,16 +76,6 @@ def sweep_rows(backend: str, device: str, repeats: int, label: str) -> list[dict
              "fraction_of_copy_bw": sweep_gbs / copy_gbs}]
 
 
-def best_thread_time(fn, repeats: int) -> float:
-    """Minimum CPU time of the calling thread: with one thread, robust to other processes on a shared machine."""
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return min(times)
-
-
 def generation_rows(threads: int, repeats: int, n: int = 1 << 23) -> list[dict]:
     out = torch.empty(n)
     ours_fn, randn_fn = lambda: backends._C.philox_normal(out.data_ptr(), n, 1, 0, 0), lambda: torch.randn(n)
@@ -93,8 +83,8 @@ def generation_rows(threads: int, repeats: int, n: int = 1 << 23) -> list[dict]:
     row = {"case": "z_generation", "backend": f"cpu x{threads}", "device": "cpu", "elements": n, "ours_s": ours,
            "reference_loop_s": randn, "speedup_vs_reference": randn / ours, "ns_per_element": ours / n * 1e9}
     if threads == 1:
-        row["cpu_time_ns_per_element"] = best_thread_time(ours_fn, repeats) / n * 1e9
-        row["reference_cpu_time_ns_per_element"] = best_thread_time(randn_fn, repeats) / n * 1e9
+        row["cpu_time_ns_per_element"] = best_time(ours_fn, repeats, clock=time.thread_time) / n * 1e9
+        row["reference_cpu_time_ns_per_element"] = best_time(randn_fn, repeats, clock=time.thread_time) / n * 1e9
     return [row]
 
 

@@ -9,6 +9,7 @@ from zokernels.backends import _C, availability
 from zokernels.kernels.first_layer import BatchNormSpec, _channel_table, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.kernels_ref import first_layer_delta_ref, one_channel_conv2d_ref, one_channel_linear_ref
+from helpers import compile_for_gpus_in_subprocess
 
 pytest.importorskip("triton")
 # cpu: the C++ twin of the CUDA kernels (csrc/cpu/cge_cpu.cpp, the per-element code the .cu files run)
@@ -354,14 +355,6 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """The interpreter accepts code the GPU compiler rejects: compile every kernel variant (fp32/fp64, BN modes,
     SGD flags) through Triton's whole pipeline (PTX and cubin) for sm_80 and sm_90, in a subprocess with the
     interpreter off."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _GPU_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("triton's ptxas is missing")
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    lines = compile_for_gpus_in_subprocess(_GPU_COMPILE, tmp_path)
     assert len(lines) == 28
     assert all(line.split()[2] == "1" for line in lines), lines

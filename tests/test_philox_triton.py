@@ -6,6 +6,7 @@ import torch
 
 from zokernels import backends, philox
 from zokernels.reference import philox_normal_ref
+from helpers import compile_for_gpus_in_subprocess
 
 pytestmark = pytest.mark.skipif(not backends.availability()["triton"].available,
                                 reason=f"triton backend unavailable: {backends.availability()['triton'].reason}")
@@ -161,16 +162,7 @@ for arch in (80, 90):
 def test_kernel_compiles_for_gpus_without_fma_or_approximate_sqrt(tmp_path):
     # The interpreter accepts code the GPU compiler rejects (e.g. non-constexpr globals): compile to PTX and cubin
     # for sm_80 / sm_90 (no GPU needed) and check that z v2 is built from correctly rounded ops only.
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _GPU_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("triton's ptxas is missing")
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    lines = compile_for_gpus_in_subprocess(_GPU_COMPILE, tmp_path)
     assert len(lines) == 6
     for line in lines:
         arch, dtype, fma, approx, sqrt_rn = line.split()

@@ -10,22 +10,14 @@
 
 #include "../../csrc/cpu/cge_cpu.h"
 #include "cuda_bindings.h"
+#include "binding_helpers.h"
 
 namespace py = pybind11;
-using Ints = std::vector<int64_t>;
+using zokernels_bindings::as;
+using zokernels_bindings::Ints;
+using zokernels_bindings::require_size;
 
 namespace {
-template <typename P>
-P as(uintptr_t address) {
-  return reinterpret_cast<P>(address);
-}
-
-void require_size(const char* name, const Ints& values, size_t size) {
-  if (values.size() != size)
-    throw py::value_error(std::string(name) + " must have " + std::to_string(size) + " entries, got " +
-                          std::to_string(values.size()));
-}
-
 zokernels::cge::SgdFlags sgd_flags(const std::vector<bool>& flags) {
   if (flags.size() != 4)
     throw py::value_error("flags must be [weight_decay, momentum, first_step, nesterov], got " +

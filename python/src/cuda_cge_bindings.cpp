@@ -11,22 +11,14 @@
 #include <vector>
 
 #include "../../csrc/cuda/cge_launch.h"
+#include "binding_helpers.h"
 
 namespace py = pybind11;
-using Ints = std::vector<int64_t>;
+using zokernels_bindings::as;
+using zokernels_bindings::Ints;
+using zokernels_bindings::require_size;
 
 namespace {
-template <typename P>
-P as(uintptr_t address) {
-  return reinterpret_cast<P>(address);
-}
-
-void require_size(const char* name, const Ints& values, size_t size) {
-  if (values.size() != size)
-    throw py::value_error(std::string(name) + " must have " + std::to_string(size) + " entries, got " +
-                          std::to_string(values.size()));
-}
-
 void check(const char* launcher, int error) {
   if (error != 0) throw std::runtime_error(std::string(launcher) + " failed: " + zk_cge_error_string(error));
 }
