@@ -1,7 +1,7 @@
 """GPU comparison for the CGE kernels (issue 4, items 1-3 and 5) on ResNet-20, batch 256, 90 % uniform sparsity:
 
-  step   whole sparse-CGE step: the delta engine (torch ops on the GPU; it does not call the kernels yet) vs the
-         DeepZero block-reuse baseline, sampled and extrapolated per parameter as bench/cge_resnet20.py does;
+  step   whole sparse-CGE step: the delta engine calling the GPU kernels (cuda, else triton) vs the DeepZero
+         block-reuse baseline, sampled and extrapolated per parameter as bench/cge_resnet20.py does;
   ops    the kernels against the engine's torch rules on the same ResNet-20 shapes: fused first layer (conv1 +
          BN train + ReLU, K coordinates), one-channel mixing (layer1.0.conv1), masked SGD over all parameters,
          and one CUDA-graph replay of first layer + mixing vs the same launches eagerly.
@@ -115,7 +115,10 @@ def step_row(model, x, y, mask, args) -> dict:
     """Whole-step engine vs block-reuse baseline on the GPU (the functions of bench/cge_resnet20.py)."""
     from cge_resnet20 import BlockReuseBaseline, time_engine
     generator = torch.Generator().manual_seed(0)
-    engine_s, samples, _ = time_engine(model, (x, y), mask, args.engine_sample, 16 << 30, generator)
+    from zokernels.backends import availability
+    kernels = "cuda" if availability()["cuda"].available else "triton"
+    engine_s, samples, _ = time_engine(model, (x, y), mask, args.engine_sample, 16 << 30, generator,
+                                       kernel_backend=kernels)
     baseline, baseline_s = BlockReuseBaseline(model, x, y), 0.0
     for name, param in model.named_parameters():
         indices = torch.nonzero(mask[name].reshape(-1)).flatten()
