@@ -187,3 +187,24 @@ def test_residual_relu_delta_matches_float64_twin(k, b, c, h, w, with_b):
     expected = residual_relu_delta_ref(da, db, y)
     torch.testing.assert_close(out.double(), expected, atol=2 * 8 * 2 ** -24, rtol=0)
     assert fused.residual_relu_delta(da.double(), None, y.double()) is None
+
+
+def test_float32_estimates_do_not_depend_on_which_coordinates_share_a_pass():
+    """Sharded runs (zokernels.distributed) split a parameter's coordinates across ranks, so a coordinate's
+    estimate must not depend on the other coordinates in its pass: bitwise, in float32."""
+    from zokernels.models import small_cnn
+
+    def fresh():
+        torch.manual_seed(0)
+        return small_cnn(1, in_channels=1), (torch.randn(16, 1, 6, 6), torch.randint(0, 10, (16,)))
+
+    model, batch = fresh()
+    zokernels.cge_step(model, batch)
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        half = torch.zeros(param.shape, dtype=torch.bool)
+        half.view(-1)[::2] = True
+        other, batch2 = fresh()
+        zokernels.cge_step(other, batch2, mask={name: half})
+        got = dict(other.named_parameters())[name].grad
+        assert torch.equal(got[half], full[name][half]), name

@@ -209,7 +209,9 @@ def cross_entropy_delta(logits: torch.Tensor, targets: torch.Tensor, delta: Delt
     else:
         per_sample = torch.log1p((p.unsqueeze(0) * torch.expm1(delta.values)).sum(-1))
         per_sample = per_sample - delta.values.gather(2, targets.view(1, -1, 1).expand(delta.replicas, -1, 1))[..., 0]
-    return per_sample.mean(dim=1)
+    # contiguous rows: each replica's mean is then reduced in the same order whatever K is (a strided [K, B]
+    # view is reduced across replicas in vector lanes, and its rounding changed with K)
+    return per_sample.contiguous().mean(dim=1)
 
 
 def mse_delta(outputs: torch.Tensor, targets: torch.Tensor, delta: Delta) -> torch.Tensor:
