@@ -86,21 +86,10 @@ def sampled(indices: torch.Tensor, count: int, generator: torch.Generator) -> to
     return indices[torch.randperm(indices.numel(), generator=generator)[:count]]
 
 
-def tune_pass_sizes(captured, head, named, mask, sites, last_use, base, budget, generator, kernel_backend=None):
-    """What the first step of a training run does: time the candidate pass sizes per parameter (cached on the
-    capture for later steps). Runs on coordinates apart from the timed sample."""
-    for name, param in named:
-        indices = torch.nonzero(mask[name].reshape(-1)).flatten()
-        k_max = cge_engine.replicas_per_pass(captured, sites[name][0], budget)
-        needed = 2 * sum(cge_engine.pass_size_candidates(k_max))
-        cge_engine._estimate_parameter(captured, head, sites[name], name, param, sampled(indices, needed, generator),
-                                       5e-3, False, base, budget, last_use, kernel_backend)
-
-
 @torch.no_grad()
 def time_engine(model, batch, mask, sample, budget, generator, dense_mode="delta", kernel_backend=None):
-    """Extrapolated engine step time (pass sizes tuned beforehand, as after a run's first step) and the estimates
-    on the sampled coordinates. kernel_backend 'triton'/'cuda' makes the engine call the GPU kernels."""
+    """Extrapolated engine step time and the estimates on the sampled coordinates. kernel_backend 'triton'/'cuda'
+    makes the engine call the GPU kernels."""
     captured = cge_engine.prepare(model, dense_mode)
     head, named = Head("cross_entropy", batch), list(model.named_parameters())
     guard = QueryGuard(model, [p for _, p in named])
@@ -109,7 +98,6 @@ def time_engine(model, batch, mask, sample, budget, generator, dense_mode="delta
         base = cge_engine.engine_base(captured, batch, head, lambda b: (b[0],), guard)
         total = time.perf_counter() - start
         sites, last_use = cge_engine.parameter_sites(captured), cge_engine._last_uses(captured)
-        tune_pass_sizes(captured, head, named, mask, sites, last_use, base, budget, generator, kernel_backend)
         samples, estimates = {}, {}
         for name, param in named:
             indices = torch.nonzero(mask[name].reshape(-1)).flatten()

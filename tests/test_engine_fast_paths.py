@@ -116,20 +116,6 @@ def test_capture_is_cached_per_model_and_renewed_when_structure_changes():
         torch.testing.assert_close(p.grad, expected[name].float(), atol=2e-3, rtol=1e-2)
 
 
-def test_pass_size_is_measured_once_and_results_match_reference():
-    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3)).double()
-    batch = classification_batch(torch.float64, n=5, shape=(6,))
-    zokernels.cge_step(model, batch, mu=1e-4, update_running_stats=False, max_memory_bytes=1 << 17)
-    captured = cge_engine.prepare(model)
-    tuned = {key[0]: k for key, k in captured.pass_sizes.items()}
-    assert "0.weight" in tuned and tuned["0.weight"] >= 1
-    expected = cge_ref(model, batch, mu=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7)
-    assert cge_engine.pass_size_candidates(1) == [1]
-    assert cge_engine.pass_size_candidates(12) == [1, 2, 4, 8, 12]
-
-
 def test_retained_heap_sets_and_restores_glibc_options_once(monkeypatch):
     calls = []
     monkeypatch.setattr(allocator, "_MALLOPT", lambda option, value: calls.append((option, value)))
@@ -208,3 +194,26 @@ def test_float32_estimates_do_not_depend_on_which_coordinates_share_a_pass():
         zokernels.cge_step(other, batch2, mask={name: half})
         got = dict(other.named_parameters())[name].grad
         assert torch.equal(got[half], full[name][half]), name
+
+
+@pytest.mark.parametrize("name", ["conv1.weight", "layer1.0.conv1.weight"])
+def test_resnet_estimates_do_not_depend_on_pass_neighbours_in_the_dense_stage(name):
+    """Dense-stage convolutions round differently at different batch sizes, so every pass runs exactly K
+    replicas (the last one padded): a coordinate's float32 estimate is then bitwise the same whichever other
+    coordinates of its parameter are selected (as when ranks split a parameter). Without the padding this
+    configuration differed by ~5e-8 (checked)."""
+    def fresh():
+        torch.manual_seed(0)
+        return resnet20().train(), (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+
+    budget = 60 << 20
+    model, batch = fresh()
+    wide = torch.zeros(model.get_parameter(name).shape, dtype=torch.bool)
+    wide.view(-1)[:40] = True
+    zokernels.cge_step(model, batch, mask={name: wide}, update_running_stats=False, max_memory_bytes=budget)
+    full = model.get_parameter(name).grad.clone()
+    narrow = torch.zeros_like(wide)
+    narrow.view(-1)[1:40:3] = True
+    other, batch2 = fresh()
+    zokernels.cge_step(other, batch2, mask={name: narrow}, update_running_stats=False, max_memory_bytes=budget)
+    assert torch.equal(other.get_parameter(name).grad[narrow], full[narrow])

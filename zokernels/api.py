@@ -88,8 +88,8 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     within `max_memory_bytes`) whenever the model can be traced, else full evaluations. Once a convolution has
     made a coordinate's change dense, dense_mode='delta' (default) keeps the exact delta rules all the way;
     'perturbed' carries x + δ through the model's ops and forms δ again at the logits (float32 error at the naive
-    difference's level, about the same speed on CPU; see docs/engine.md). The pass size per parameter is timed
-    on the first step and kept with the model's cached capture.
+    difference's level, about the same speed on CPU; see docs/engine.md). The traced capture is cached per model
+    and re-traced when its modules change.
 
     The base evaluation updates BN running statistics once (like a training forward) unless
     update_running_stats=False; the queries never do, and parameters are bit-identical afterwards even if the

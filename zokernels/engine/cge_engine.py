@@ -5,7 +5,6 @@ It computes the same quantity as the naive per-coordinate forward difference (�
 realized step, but formed from δ directly, so no two nearly-equal losses are subtracted."""
 from __future__ import annotations
 
-import time
 import weakref
 from typing import Any, Callable
 
@@ -25,8 +24,11 @@ from .heads import Head
 DEFAULT_MAX_MEMORY_BYTES = 4 << 30
 _TEMPORARIES_PER_ACTIVATION = 6  # live delta + rule intermediates, per replica
 # Past this many bytes per activation, larger passes run slower per sample on CPU (the working set leaves the
-# caches; ENVIRONMENT.md: one 8192-image batch is ~3x slower per image than 128-image chunks).
-PASS_ACTIVATION_BYTES = 64 << 20
+# 32 MiB L3; ENVIRONMENT.md: one 8192-image batch is ~3x slower per image than 128-image chunks). Timing K per
+# parameter on ResNet-20 (batch 256, fused kernels, retained heap) chose K = 2–4 at 16 MiB per replica and 2–16 at
+# 4 MiB, noisily; a fixed cap keeps K, and with it every estimate's last bits, independent of machine load
+# (convolutions round differently at different batch sizes), so runs and resumes stay bit-reproducible.
+PASS_ACTIVATION_BYTES = 32 << 20
 
 
 class EngineUnavailable(Exception):
@@ -201,39 +203,6 @@ def _loss_changes(captured, head: Head, node, module, local, chunk, steps, base_
     return head.change(outputs, out, base_loss, f"the queries of {name}[{chunk[0].item()}...]").cpu()
 
 
-def pass_size_candidates(k_max: int) -> list[int]:
-    """Powers of two up to k_max, and k_max itself: the pass sizes worth timing."""
-    return sorted({min(k_max, 1 << i) for i in range(k_max.bit_length())} | {k_max})
-
-
-def _tuned_pass_size(captured: CapturedModel, name: str, indices: torch.Tensor, k_max: int, run_chunk,
-                     kernel_backend: str | None = None) -> tuple[int, int]:
-    """The fastest pass size per coordinate for `name` and how many of `indices` were consumed finding it.
-
-    Which K is fastest depends on the machine's caches and allocator, not only on memory: on a 2-core CPU with
-    32 MiB of L3, K = 1 beat the largest K the budget allowed by ~2x for early ResNet layers, and lost for late
-    ones. Each candidate is timed on a chunk of real coordinates (their estimates are kept), once per parameter
-    and capture; later steps reuse the choice."""
-    inputs = tuple(tuple(v.shape) for n, v in captured.values.items() if n.op == "placeholder" and
-                   isinstance(v, torch.Tensor))
-    key = (name, k_max, captured.dense_mode, inputs, kernel_backend)
-    if key in captured.pass_sizes:
-        return captured.pass_sizes[key], 0
-    candidates = pass_size_candidates(k_max)
-    if indices.numel() < 2 * sum(candidates):  # too few coordinates for the timing to pay: the budget's K
-        return k_max, 0
-    used, best, best_cost = 0, k_max, float("inf")
-    for k in candidates:
-        start = time.perf_counter()
-        run_chunk(indices[used:used + k])
-        cost = (time.perf_counter() - start) / k
-        used += k
-        if cost < best_cost:
-            best, best_cost = k, cost
-    captured.pass_sizes[key] = best
-    return best, used
-
-
 @torch.no_grad()
 def _estimate_parameter(captured, head, site, name, param, indices, mu, central, base_loss, budget,
                         last_use, kernel_backend: str | None = None) -> torch.Tensor:
@@ -244,19 +213,22 @@ def _estimate_parameter(captured, head, site, name, param, indices, mu, central,
     cache: dict = {}
 
     def run_chunk(chunk: torch.Tensor) -> None:
+        real = chunk.numel()
+        if real < k:  # pad with repeats: every pass has K replicas, so no estimate depends on its neighbours
+            chunk = torch.cat([chunk, chunk[-1:].expand(k - real)])
         up, down = realized_steps(param, chunk, mu)
         change_up = _loss_changes(captured, head, node, module, local, chunk, up, base_loss, cache, last_use, name,
                                   kernel_backend)
         if central:
             change_down = _loss_changes(captured, head, node, module, local, chunk, -down, base_loss, cache,
                                         last_use, name, kernel_backend)
-            estimate[chunk] = (change_up - change_down) / (up + down)
+            estimate[chunk[:real]] = ((change_up - change_down) / (up + down))[:real]
         else:
-            estimate[chunk] = change_up / up
+            estimate[chunk[:real]] = (change_up / up)[:real]
 
-    k, tuned = _tuned_pass_size(captured, name, indices, replicas_per_pass(captured, node, budget), run_chunk,
-                                kernel_backend)
-    for chunk in indices[tuned:].split(k):
+    # a parameter with fewer coordinates than K runs them all in one unpadded pass
+    k = min(replicas_per_pass(captured, node, budget), indices.numel())
+    for chunk in indices.split(k):
         run_chunk(chunk)
     return estimate.view_as(param).to(param.dtype)
 

@@ -51,7 +51,6 @@ class CapturedModel:
     values: NodeValues = field(default_factory=NodeValues)
     dense_mode: str = "delta"  # how a dense δ is carried: 'delta' (exact rules) or 'perturbed' (x + δ, own ops)
     position: dict[fx.Node, int] = field(default_factory=dict)  # topological index of every node
-    pass_sizes: dict = field(default_factory=dict)  # (parameter, K budget) -> fastest measured K per pass
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)
