@@ -24,11 +24,12 @@ from .heads import Head
 DEFAULT_MAX_MEMORY_BYTES = 4 << 30
 _TEMPORARIES_PER_ACTIVATION = 6  # live delta + rule intermediates, per replica
 # Past this many bytes per activation, larger passes run slower per sample on CPU (the working set leaves the
-# 32 MiB L3; ENVIRONMENT.md: one 8192-image batch is ~3x slower per image than 128-image chunks). Timing K per
-# parameter on ResNet-20 (batch 256, fused kernels, retained heap) chose K = 2–4 at 16 MiB per replica and 2–16 at
-# 4 MiB, noisily; a fixed cap keeps K, and with it every estimate's last bits, independent of machine load
-# (convolutions round differently at different batch sizes), so runs and resumes stay bit-reproducible.
-PASS_ACTIVATION_BYTES = 32 << 20
+# caches; ENVIRONMENT.md: one 8192-image batch is ~3x slower per image than 128-image chunks). Measured on
+# ResNet-20 (batch 256, fused kernels, retained heap, CPU time per coordinate): K = 4 best at 16 MiB per replica
+# (294 ms vs 334 at K = 1, 392 at K = 8), K = 1–8 equal at 8 MiB, K = 8–16 best at 4 MiB: about 64 MiB per pass.
+# The cap is fixed, not timed per run, so K, and with it every estimate's last bits, never depends on machine
+# load (convolutions round differently at different batch sizes): runs and resumes stay bit-reproducible.
+PASS_ACTIVATION_BYTES = 64 << 20
 
 
 class EngineUnavailable(Exception):
