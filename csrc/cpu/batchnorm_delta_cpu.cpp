@@ -2,6 +2,7 @@
 // when its input changes by δ, for K replicas at once. In torch this rule is ~10 passes over [K, B, C, H, W]
 // (three reductions, the affine combination, the ReLU rule); here it is two: moments of δ, then the output.
 #include "batchnorm_delta_cpu.h"
+#include "channel_width.h"
 
 #include <algorithm>
 #include <cmath>
@@ -39,16 +40,6 @@ void block_delta_moments(const float* __restrict delta, const float* __restrict 
   std::copy(square, square + width, m->square);
 }
 
-void block_delta_moments_any(const float* delta, const float* centered, int64_t begin, int64_t end,
-                             int64_t channels, Moments* m) {
-  switch (channels) {
-    case 16: return block_delta_moments<16>(delta, centered, begin, end, channels, m);
-    case 32: return block_delta_moments<32>(delta, centered, begin, end, channels, m);
-    case 64: return block_delta_moments<64>(delta, centered, begin, end, channels, m);
-    default: return block_delta_moments<0>(delta, centered, begin, end, channels, m);
-  }
-}
-
 struct Coefficients {
   std::vector<float> a, b, e;  // δy = a·δ + b·c + e per channel
 };
@@ -59,8 +50,10 @@ Coefficients replica_coefficients(const float* delta, const float* centered, con
   std::vector<Moments> partial(static_cast<size_t>(blocks));
 #pragma omp parallel for schedule(static) if (rows * channels > (1 << 16))
   for (int64_t b = 0; b < blocks; ++b) {
-    block_delta_moments_any(delta, centered, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock),
-                            channels, &partial[b]);
+    with_channel_width(channels, [&](auto width) {
+      block_delta_moments<decltype(width)::value>(delta, centered, b * kRowsPerBlock,
+                                                  std::min(rows, (b + 1) * kRowsPerBlock), channels, &partial[b]);
+    });
   }
   Coefficients out{std::vector<float>(channels), std::vector<float>(channels), std::vector<float>(channels)};
   for (int64_t c = 0; c < channels; ++c) {
@@ -105,16 +98,6 @@ void apply_rows(const float* __restrict delta, const float* __restrict centered,
   }
 }
 
-void apply_rows_any(const float* delta, const float* centered, const float* base_out, float* out, int64_t rows,
-                    int64_t channels, const Coefficients& k) {
-  switch (channels) {
-    case 16: return apply_rows<16>(delta, centered, base_out, out, rows, channels, k);
-    case 32: return apply_rows<32>(delta, centered, base_out, out, rows, channels, k);
-    case 64: return apply_rows<64>(delta, centered, base_out, out, rows, channels, k);
-    default: return apply_rows<0>(delta, centered, base_out, out, rows, channels, k);
-  }
-}
-
 }  // namespace
 
 void batchnorm_delta_cpu(const float* delta, const float* centered, const float* root, const float* weight,
@@ -125,7 +108,10 @@ void batchnorm_delta_cpu(const float* delta, const float* centered, const float*
   for (int64_t k = 0; k < replicas; ++k) {
     const float* dk = delta + k * rows * channels;
     const Coefficients coefficients = replica_coefficients(dk, centered, root, weight, rows, channels);
-    apply_rows_any(dk, centered, base_out, out + k * rows * channels, rows, channels, coefficients);
+    with_channel_width(channels, [&](auto width) {
+      apply_rows<decltype(width)::value>(dk, centered, base_out, out + k * rows * channels, rows, channels,
+                                         coefficients);
+    });
   }
 }
 

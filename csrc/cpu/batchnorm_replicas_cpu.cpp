@@ -8,6 +8,7 @@
 // passes: statistics accumulated in double around a per-channel center (the base batch mean, so that the
 // perturbed replica's variance is formed without cancellation), then normalize (+ ReLU) in float.
 #include "batchnorm_replicas_cpu.h"
+#include "channel_width.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,16 +57,6 @@ void block_moments(const float* __restrict x, int64_t begin, int64_t end, int64_
   }
 }
 
-void block_moments_any(const float* x, int64_t begin, int64_t end, int64_t channels, const float* center,
-                       double* sum, double* sum_sq) {
-  switch (channels) {
-    case 16: return block_moments<16>(x, begin, end, channels, center, sum, sum_sq);
-    case 32: return block_moments<32>(x, begin, end, channels, center, sum, sum_sq);
-    case 64: return block_moments<64>(x, begin, end, channels, center, sum, sum_sq);
-    default: return block_moments<0>(x, begin, end, channels, center, sum, sum_sq);
-  }
-}
-
 // Per-channel mean and 1/sqrt(var + eps) of one replica (biased variance, as BN uses for normalization).
 void replica_statistics(const float* x, int64_t rows, int64_t channels, const float* center, double eps,
                         std::vector<float>& mean, std::vector<float>& inv_std) {
@@ -74,8 +65,10 @@ void replica_statistics(const float* x, int64_t rows, int64_t channels, const fl
 #pragma omp parallel for schedule(static) if (rows * channels > (1 << 16))
   for (int64_t b = 0; b < blocks; ++b) {
     double* sum = partial.data() + b * channels * 2;
-    block_moments_any(x, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock), channels, center, sum,
-                  sum + channels);
+    with_channel_width(channels, [&](auto width) {
+      block_moments<decltype(width)::value>(x, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock), channels,
+                                            center, sum, sum + channels);
+    });
   }
   for (int64_t c = 0; c < channels; ++c) {
     double sum = 0.0, sum_sq = 0.0;
@@ -106,17 +99,6 @@ void normalize_rows(const float* __restrict x, float* __restrict out, int64_t ro
   }
 }
 
-template <bool RELU>
-void normalize_rows_any(const float* x, float* out, int64_t rows, int64_t channels, const float* mean,
-                        const float* scale, const float* shift) {
-  switch (channels) {
-    case 16: return normalize_rows<16, RELU>(x, out, rows, channels, mean, scale, shift);
-    case 32: return normalize_rows<32, RELU>(x, out, rows, channels, mean, scale, shift);
-    case 64: return normalize_rows<64, RELU>(x, out, rows, channels, mean, scale, shift);
-    default: return normalize_rows<0, RELU>(x, out, rows, channels, mean, scale, shift);
-  }
-}
-
 }  // namespace
 
 void batchnorm_replicas_cpu(const float* x, float* out, int64_t replicas, int64_t rows, int64_t channels,
@@ -132,8 +114,11 @@ void batchnorm_replicas_cpu(const float* x, float* out, int64_t replicas, int64_
       shift[c] = bias != nullptr ? bias[c] : 0.0f;
     }
     float* outk = out + k * rows * channels;
-    if (relu) normalize_rows_any<true>(xk, outk, rows, channels, mean.data(), scale.data(), shift.data());
-    else normalize_rows_any<false>(xk, outk, rows, channels, mean.data(), scale.data(), shift.data());
+    with_channel_width(channels, [&](auto width) {
+      constexpr int kWidth = decltype(width)::value;
+      if (relu) normalize_rows<kWidth, true>(xk, outk, rows, channels, mean.data(), scale.data(), shift.data());
+      else normalize_rows<kWidth, false>(xk, outk, rows, channels, mean.data(), scale.data(), shift.data());
+    });
   }
 }
 

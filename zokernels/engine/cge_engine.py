@@ -39,8 +39,8 @@ class EngineUnavailable(Exception):
 DENSE_MODES = ("perturbed", "delta")
 
 
-# model -> (structure signature, capture): tracing costs 10–50 ms per step, and the capture also keeps the
-# measured pass sizes. A model whose modules were replaced, added or switched train/eval is traced again.
+# model -> (structure signature, capture): tracing costs 10–50 ms per step. A model whose modules were replaced,
+# added or switched train/eval is traced again.
 _CAPTURES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, CapturedModel]]" = weakref.WeakKeyDictionary()
 
 
@@ -212,6 +212,8 @@ def _estimate_parameter(captured, head, site, name, param, indices, mu, central,
     if indices.numel() == 0:
         return estimate.view_as(param).to(param.dtype)
     cache: dict = {}
+    # a parameter with fewer coordinates than K runs them all in one unpadded pass
+    k = min(replicas_per_pass(captured, node, budget), indices.numel())
 
     def run_chunk(chunk: torch.Tensor) -> None:
         real = chunk.numel()
@@ -227,8 +229,6 @@ def _estimate_parameter(captured, head, site, name, param, indices, mu, central,
         else:
             estimate[chunk[:real]] = (change_up / up)[:real]
 
-    # a parameter with fewer coordinates than K runs them all in one unpadded pass
-    k = min(replicas_per_pass(captured, node, budget), indices.numel())
     for chunk in indices.split(k):
         run_chunk(chunk)
     return estimate.view_as(param).to(param.dtype)

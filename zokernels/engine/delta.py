@@ -22,7 +22,7 @@ class Delta:
     # perturbed form: `values` holds the perturbed output x + δ itself ([K, B, ...]), carried through fused torch
     # ops once δ is dense (cheaper than the delta rules); δ is formed again where it is needed (at the loss).
     perturbed: bool = False
-    # perturbed form only: a fused BN + ReLU kernel already applied the ReLU that is the node's only user
+    # a fused kernel (BN + ReLU, residual add + ReLU) already applied the ReLU that is the node's only user
     relu_applied: bool = False
 
     @property

@@ -225,10 +225,15 @@ def _is_relu(captured: CapturedModel, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "relu" and len(node.args) == 1
 
 
+def _only_user_is_relu(captured: CapturedModel, node: fx.Node) -> bool:
+    """Whether a fused kernel may apply the ReLU after `node` itself (nothing else reads the pre-ReLU value)."""
+    users = list(node.users)
+    return len(users) == 1 and _is_relu(captured, users[0])
+
+
 def _batchnorm_train_perturbed(captured: CapturedModel, node: fx.Node, x: torch.Tensor, module) -> Delta:
     """Per-replica training-mode BN; fused with the following ReLU when that ReLU is the node's only user."""
-    users = list(node.users)
-    relu = len(users) == 1 and _is_relu(captured, users[0])
+    relu = _only_user_is_relu(captured, node)
     key = (node, "input_mean")
     if key not in captured.values.derived:
         base = captured.values[node.args[0]]
@@ -244,8 +249,7 @@ def _fused_residual_relu(captured: CapturedModel, node: fx.Node, deltas: dict[fx
     if not (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2
             and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)):
         return None
-    users = list(node.users)
-    if len(users) != 1 or not _is_relu(captured, users[0]):
+    if not _only_user_is_relu(captured, node):
         return None
     present = [deltas[a] for a in node.args if a in deltas]
     if any(d.channels is not None or d.perturbed for d in present):
@@ -282,8 +286,7 @@ def _batchnorm(node, values, deltas, module, captured: CapturedModel):
 def _fused_batchnorm_delta(captured: CapturedModel, node: fx.Node, delta: Delta, module, statistics) -> \
         Delta | None:
     """The dense BN-train delta (and the ReLU delta after it, when that ReLU is BN's only user) in one kernel."""
-    users = list(node.users)
-    relu = len(users) == 1 and _is_relu(captured, users[0])
+    relu = _only_user_is_relu(captured, node)
     centered, root = statistics
     out = fused.batchnorm_delta(delta.values, centered, root, module.weight,
                                 captured.values[node] if relu else None)
