@@ -30,7 +30,7 @@ def channels_last_rows(t: torch.Tensor) -> bool:
 
 
 def fused_available(*tensors: torch.Tensor) -> bool:
-    return (backends._C is not None and backends.availability()["cpu"].available
+    return (backends._C is not None and backends.status("cpu").available
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and channels_last_rows(t) for t in tensors))
 
 

@@ -14,7 +14,7 @@ _CPU_ORDER = ("cpu", "torch")
 
 def _refusal(name: str, device: torch.device, symbol: str | None = None) -> str | None:
     """Why backend `name` cannot run an op on `device` (None when it can); `symbol`: the _C function it calls."""
-    status = backends.availability()[name]
+    status = backends.status(name)
     if not status.available:
         return status.reason
     if symbol is not None and not hasattr(backends._C, symbol):
