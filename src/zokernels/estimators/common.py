@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .batching import batch_targets, call_model, model_loss, output_logits
+
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
@@ -31,13 +33,14 @@ class StepResult:
 
 
 def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of model(x) against y for batch = (x, y)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
-            "batch must be a tuple (x, y) when loss_fn is not given (default loss: cross-entropy of model(x) "
-            f"vs y), got {type(batch).__name__}; pass loss_fn(model, batch) for other batches")
-    inputs, targets = batch
-    return F.cross_entropy(model(inputs), targets)
+    """The loss a user of torch or Hugging Face expects: the model's own `outputs.loss` when it computes one (a
+    Hugging Face model given labels), else cross-entropy of the logits against the targets (batch conventions:
+    zokernels.estimators.batching)."""
+    outputs = call_model(model, batch)
+    loss = model_loss(outputs)
+    if loss is not None:
+        return loss
+    return F.cross_entropy(output_logits(outputs), batch_targets(batch, "the default loss (cross-entropy)"))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
