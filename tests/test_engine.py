@@ -165,21 +165,33 @@ def test_engine_leaves_no_trace_and_restores_on_nan():
     assert_state_equal(model, before)
 
 
-class Untraceable(nn.Module):
+class InputBranch(nn.Module):
+    """Python control flow on the input: the recorded tape is exact for this batch."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(x) if x.sum() > -1e9 else -self.fc(x)  # data-dependent control flow
+        return self.fc(x) if x.sum() > -1e9 else -self.fc(x)
+
+
+class ParameterBranch(InputBranch):
+    """Python control flow on a parameter-dependent value: a perturbation could take the other branch."""
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > -1e9 else -y
 
 
 def test_engine_selection_and_errors():
-    model, batch = Untraceable(), classification_batch(torch.float32)
+    batch = classification_batch(torch.float32)
+    assert zokernels.cge_step(InputBranch(), batch).engine == "delta"
+    model = ParameterBranch()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert zokernels.cge_step(model, batch).engine == "naive"
-    assert any("torch.fx could not trace" in str(w.message) for w in caught)
+    assert any("Python reads the values of" in str(w.message) and "ParameterBranch" in str(w.message) for w in caught)
     with pytest.raises(RuntimeError, match="engine='delta' cannot run this model"):
         zokernels.cge_step(model, batch, engine="delta")
     with pytest.raises(ValueError, match="needs output_loss"):

@@ -8,11 +8,12 @@ from typing import Any, Callable
 import torch
 
 from . import backends
-from .engine.cge_engine import DENSE_MODES, EngineUnavailable, engine_base, engine_estimates, prepare
+from .engine.cge_engine import DENSE_MODES, engine_estimates, record_base
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
-from .estimators.cge import cge_estimate, naive_parameter_estimator
-from .estimators.common import (LossFn, QueryGuard, StepResult, check_choice, check_mask, check_mu, default_loss,
-                                evaluate_loss, trainable_parameters)
+from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
+from .estimators.common import (LossFn, NonFiniteLossError, QueryGuard, StepResult, check_choice, check_mask,
+                                check_mu, default_loss, evaluate_loss, trainable_parameters)
+from .kernels.dispatch import KERNEL_BACKENDS
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
 from .philox import _check_seed
 
@@ -46,32 +47,21 @@ def _model_device(params: list[torch.Tensor]) -> torch.device:
 ENGINES = ("auto", "delta", "naive")
 
 
-def _first_of_batch(batch: Any) -> tuple:
-    return (batch[0],) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-def _choose_engine(engine: str, model: torch.nn.Module, loss_fn: LossFn | None, dense_mode: str):
-    """The captured model when the delta engine will run, else None (with the reason warned or raised)."""
+def _delta_engine_wanted(engine: str, loss_fn: LossFn | None) -> bool:
     if engine == "naive":
-        return None
+        return False
     if loss_fn is not None:
         if engine == "delta":
-            raise ValueError("engine='delta' needs output_loss instead of loss_fn: the engine must see the model "
-                             "output to carry deltas to the loss")
-        return None
-    try:
-        return prepare(model, dense_mode)
-    except EngineUnavailable as reason:
-        if engine == "delta":
-            raise RuntimeError(f"engine='delta' cannot run this model: {reason}") from None
-        warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {reason}", stacklevel=3)
-        return None
+            raise ValueError("engine='delta' needs output_loss (or the default loss) instead of loss_fn: the engine "
+                             "must see the model's ops and output to carry deltas to the loss")
+        return False
+    return True
 
 
 @torch.no_grad()
 def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
              mask: dict[str, torch.Tensor] | None = None, scheme: str = "forward", *,
-             output_loss: str | OutputLoss | None = None, model_input: Callable[[Any], tuple] | None = None,
+             output_loss: str | OutputLoss | None = None, model_input: Callable[[Any], Any] | None = None,
              engine: str = "auto", max_memory_bytes: int | None = None, dense_mode: str = "delta",
              update_running_stats: bool = True,
              accumulate: bool = False, backend: str | None = None) -> StepResult:
@@ -81,19 +71,24 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     perturbed by mu: forward (ℓ(θ+μe_i) − ℓ(θ))/h_i or central (ℓ(θ+μe_i) − ℓ(θ−μe_i))/(2h_i), where h_i is the
     step actually realized in the parameter's dtype.
 
-    The loss is either `loss_fn(model, batch)` (opaque: one full evaluation per query) or
-    `output_loss(model(*model_input(batch)), batch)` with output_loss 'cross_entropy' (default), 'mse' or any
-    callable, e.g. a black box (set `accepts_query_axis = True` on it to receive [K, B, ...] outputs at once).
-    With output_loss, engine='auto' uses the delta engine (exact incremental queries, K coordinates per pass
-    within `max_memory_bytes`) whenever the model can be traced, else full evaluations. Once a convolution has
-    made a coordinate's change dense, dense_mode='delta' (default) keeps the exact delta rules all the way;
-    'perturbed' carries x + δ through the model's ops and forms δ again at the logits (float32 error at the naive
-    difference's level, about the same speed on CPU; see docs/engine.md). The traced capture is cached per model
-    and re-traced when its modules change.
+    The batch is `(x, y, *rest)` (the model is called as model(x)), a dict (model(**batch), Hugging Face style) or
+    anything `model_input(batch)` turns into positional (tuple) or keyword (dict) arguments. The loss is either
+    `loss_fn(model, batch)` (opaque: one full evaluation per query) or `output_loss(outputs, batch)`: by default
+    the model's own `outputs.loss` when it computes one, else cross-entropy of the logits against the targets;
+    'cross_entropy', 'mse', or any callable, e.g. a black box (set `accepts_query_axis = True` on it to receive
+    [K, B, ...] outputs at once).
+
+    With output_loss, engine='auto' uses the delta engine: the base forward is recorded op by op, and each
+    coordinate's exact change is carried from the ops that read its parameter to the loss, K coordinates per pass
+    within `max_memory_bytes`. What the engine cannot prove exact (Python reading a parameter-dependent value, an
+    in-place write it cannot see) falls back to full evaluations with a warning naming the op;
+    `zokernels.explain(model, batch)` lists the rule every op gets. Once a convolution has made a coordinate's
+    change dense, dense_mode='delta' (default) keeps the exact delta rules all the way; 'perturbed' carries x + δ
+    through the model's ops and forms δ again at the logits (see docs/engine.md).
 
     The base evaluation updates BN running statistics once (like a training forward) unless
-    update_running_stats=False; the queries never do, and parameters are bit-identical afterwards even if the
-    loss raises or returns NaN.
+    update_running_stats=False; the queries never do, dropout and other random ops draw the base evaluation's
+    numbers in every query, and parameters are bit-identical afterwards even if the loss raises or returns NaN.
     """
     mu = check_mu(mu)
     check_choice("scheme", scheme, SCHEMES)
@@ -109,43 +104,56 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     mask = check_mask(mask, named)
     params = [p for _, p in named]
     used_backend = backends.resolve_backend(backend, _model_device(params))
-    captured = _choose_engine(engine, model, loss_fn, dense_mode)
-    model_input = model_input or _first_of_batch
-    head = Head(output_loss or "cross_entropy", batch)
+    head = Head(output_loss, batch)
+    use_engine = _delta_engine_wanted(engine, loss_fn)
     loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
-    try:
-        base, estimates, n_coordinates = _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head,
-                                                      model_input, guard, update_running_stats, max_memory_bytes,
-                                                      used_backend)
-    finally:
-        if captured is not None:
-            captured.values.clear()  # the capture is cached per model; its activations are not
+    with guard:
+        rec, base = _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, used_backend) \
+            if use_engine else (None, None)
+        if rec is None:
+            base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+        elif not update_running_stats:
+            guard.restore_buffers()
+        guard.keep_current_buffers()
+        naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base)
+        try:
+            if rec is not None:
+                estimates, n_coordinates, fell_back = engine_estimates(rec, mu, named, mask, scheme,
+                                                                       max_memory_bytes, naive, engine == "delta")
+                served = "delta+naive" if fell_back else "delta"
+            else:
+                estimates, n_coordinates = estimate_each_parameter(named, mask, naive)
+                served = "naive"
+        finally:
+            if rec is not None:
+                rec.close()  # a tape lives for one step: its cached activations go now
     _write_grads(params, [estimates[name] for name, _ in named], accumulate)
     queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
     return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
-                      engine="delta" if captured is not None else "naive")
-
-
-def _cge_queries(model, batch, loss_fn, mu, named, mask, scheme, captured, head, model_input, guard,
-                 update_running_stats, max_memory_bytes, backend=None):
-    """Base loss, estimates and coordinate count of one CGE step, all queries inside the guard. `backend`: the
-    resolved backend; 'triton'/'cuda' make the engine run the GPU kernels where they apply."""
-    with guard:
-        if captured is not None:
-            base = engine_base(captured, batch, head, model_input, guard)
-            if not update_running_stats:
-                guard.restore_buffers()
-        else:
-            base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
-        guard.keep_current_buffers()
-        if captured is not None:
-            naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base)
-            estimates, n_coordinates = engine_estimates(captured, head, mu, named, mask, scheme, base,
-                                                        max_memory_bytes, naive, backend)
-        else:
-            estimates, n_coordinates = cge_estimate(model, batch, loss_fn, mu, named, mask, scheme, guard, base)
-    return base, estimates, n_coordinates
+                      engine=served)
+def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, backend):
+    """(the step's recording, base loss), or (None, None) where the delta engine cannot serve this step: the
+    reason is warned (engine='auto') or raised (engine='delta'), and buffers are put back for the naive base."""
+    kernel_backend = backend if backend in KERNEL_BACKENDS else None
+    try:
+        base, rec = record_base(model, batch, head, model_input, guard, dict(named), dense_mode, kernel_backend)
+    except NonFiniteLossError:
+        raise
+    except Exception as error:  # the recording failed where a plain forward may not: let the naive path decide
+        if engine == "delta":
+            raise
+        reason = f"recording the forward raised {type(error).__name__}: {error}"
+    else:
+        if not rec.tape.blockers:
+            return rec, base
+        reason = "; ".join(rec.tape.blockers)
+        rec.close()
+        if engine == "delta":
+            raise RuntimeError(f"engine='delta' cannot run this model exactly: {reason}")
+    warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {reason}", stacklevel=4)
+    guard.restore_buffers()
+    return None, None
 
 
 @torch.no_grad()

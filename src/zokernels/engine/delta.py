@@ -146,32 +146,46 @@ def normalized_input(x: torch.Tensor, module: torch.nn.modules.batchnorm._BatchN
 
 
 # ---- linear mixing ops ----------------------------------------------------------------------------------------
-def conv2d_delta(delta: Delta, x: torch.Tensor, module: torch.nn.Conv2d) -> Delta:
-    """δy = conv(δx, W) (no bias). A channel-form δx costs 1/C_in of a dense conv: a grouped conv with each
-    replica's weight slice W[:, c_k]."""
+def conv_delta(delta: Delta, x: torch.Tensor, conv, weight: torch.Tensor, geometry: dict) -> Delta:
+    """δy = conv(δx, W) (no bias), `conv` one of F.conv1d/2d/3d. A one-channel δx with groups == 1 costs 1/C_in of
+    a dense conv: a grouped conv with each replica's weight slice W[:, c_k]."""
     k, batch = delta.replicas, x.shape[0]
-    args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    if delta.channels is None or module.groups != 1:
-        out = conv2d_channels_last(delta.dense(x).reshape(k * batch, *x.shape[1:]), module, with_bias=False)
+    if delta.channels is None or geometry["groups"] != 1:
+        out = conv_channels_last(delta.dense(x).reshape(k * batch, *x.shape[1:]), conv, weight, None, geometry)
         return Delta(out.view(k, batch, *out.shape[1:]))
-    weight = module.weight.index_select(1, delta.channels).transpose(0, 1)  # [K, C_out, kh, kw]
-    out = F.conv2d(delta.values.transpose(0, 1), weight.reshape(-1, 1, *weight.shape[2:]), None, groups=k, **args)
-    out = out.view(batch, k, module.out_channels, *out.shape[2:]).transpose(0, 1)
+    slices = weight.index_select(1, delta.channels).transpose(0, 1)  # [K, C_out, *kernel]
+    out = conv(delta.values.transpose(0, 1), slices.reshape(-1, 1, *slices.shape[2:]), None,
+               geometry["stride"], geometry["padding"], geometry["dilation"], k)
+    out = out.view(batch, k, weight.shape[0], *out.shape[2:]).transpose(0, 1)
     return Delta(out)
 
 
-def conv2d_channels_last(x: torch.Tensor, module: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:
-    """The module's convolution with input and weight in channels-last layout (~2x faster on CPU than NCHW)."""
-    return F.conv2d(x.contiguous(memory_format=torch.channels_last),
-                    module.weight.contiguous(memory_format=torch.channels_last),
-                    module.bias if with_bias else None, module.stride, module.padding, module.dilation, module.groups)
+def conv_channels_last(x: torch.Tensor, conv, weight: torch.Tensor, bias: torch.Tensor | None,
+                       geometry: dict) -> torch.Tensor:
+    """The convolution with 4-D input and weight in channels-last layout (~2x faster on CPU than NCHW)."""
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return conv(x, weight, bias, geometry["stride"], geometry["padding"], geometry["dilation"], geometry["groups"])
 
 
-def linear_delta(delta: Delta, module: torch.nn.Linear) -> Delta:
+def linear_delta(delta: Delta, weight: torch.Tensor) -> Delta:
     if delta.channels is None:
-        return Delta(delta.values @ module.weight.T)
-    columns = module.weight.index_select(1, delta.channels).T  # [K, out]
+        return Delta(delta.values @ weight.T)
+    columns = weight.index_select(1, delta.channels).T  # [K, out]
     return Delta(delta.values.unsqueeze(-1) * columns.unsqueeze(1))
+
+
+def channel_nonlinear(fn, delta: Delta, x: torch.Tensor, y: torch.Tensor) -> Delta:
+    """A per-channel nonlinear op (max pooling): fn(x_c + δ) − fn(x_c) on the affected channels only."""
+    k, batch = delta.replicas, x.shape[0]
+    xb = base_like(x, delta)
+    if delta.channels is not None:
+        flat = lambda t: t.reshape(k * batch, 1, *t.shape[2:])  # noqa: E731
+        out = fn(flat(xb + delta.values)) - fn(flat(xb.expand_as(delta.values)))
+        return Delta(out.view(k, batch, *out.shape[2:]), delta.channels)
+    perturbed = fn((xb + delta.values).reshape(k * batch, *x.shape[1:]))
+    return Delta(perturbed.view(k, *y.shape) - y.unsqueeze(0))
 
 
 def per_replica_linear(fn, delta: Delta, x: torch.Tensor) -> Delta:
@@ -184,34 +198,26 @@ def per_replica_linear(fn, delta: Delta, x: torch.Tensor) -> Delta:
     return Delta(out.view(k, batch, *out.shape[2:]), delta.channels)
 
 
-def flatten_delta(delta: Delta, x: torch.Tensor) -> Delta:
-    if delta.channels is not None and x[0, 0].numel() == 1:
-        return Delta(delta.values.reshape(delta.replicas, x.shape[0]), delta.channels)
-    return Delta(delta.dense(x).reshape(delta.replicas, x.shape[0], -1))
-
-
-def add_deltas(a: Delta | None, b: Delta | None, base_a: torch.Tensor, base_b: torch.Tensor) -> Delta | None:
-    if a is None or b is None:
-        return a if b is None else b
-    if a.channels is not None and b.channels is not None and torch.equal(a.channels, b.channels):
-        return Delta(a.values + b.values, a.channels)
-    return Delta(a.dense(base_a) + b.dense(base_b))
-
-
 # ---- losses ---------------------------------------------------------------------------------------------------
-def cross_entropy_delta(logits: torch.Tensor, targets: torch.Tensor, delta: Delta) -> torch.Tensor:
-    """Change of mean cross-entropy per replica: mean_b [log1p(Σ_j p_j expm1(δz_j)) − δz_y] (exact, stable)."""
+def cross_entropy_delta(logits: torch.Tensor, targets: torch.Tensor, delta: Delta, ignore_index: int = -100,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Change of cross-entropy per replica: Σ_b w_b [log1p(Σ_j p_j expm1(δz_j)) − δz_y] with w_b = 1/(rows not
+    ignored) for 'mean', 1 for 'sum' (exact, stable)."""
     p = torch.softmax(logits, dim=1)
+    kept = targets != ignore_index
+    safe = torch.where(kept, targets, torch.zeros_like(targets))
     if delta.channels is not None:  # only logit c_k changes
         pc = p.index_select(1, delta.channels).T  # [K, B]
-        hit = (targets.unsqueeze(0) == delta.channels.unsqueeze(1)).to(delta.values.dtype)
+        hit = (safe.unsqueeze(0) == delta.channels.unsqueeze(1)).to(delta.values.dtype)
         per_sample = torch.log1p(pc * torch.expm1(delta.values)) - delta.values * hit
     else:
         per_sample = torch.log1p((p.unsqueeze(0) * torch.expm1(delta.values)).sum(-1))
-        per_sample = per_sample - delta.values.gather(2, targets.view(1, -1, 1).expand(delta.replicas, -1, 1))[..., 0]
-    # contiguous rows: each replica's mean is then reduced in the same order whatever K is (a strided [K, B]
+        per_sample = per_sample - delta.values.gather(2, safe.view(1, -1, 1).expand(delta.replicas, -1, 1))[..., 0]
+    per_sample = per_sample * kept.to(per_sample.dtype)
+    # contiguous rows: each replica's sum is then reduced in the same order whatever K is (a strided [K, B]
     # view is reduced across replicas in vector lanes, and its rounding changed with K)
-    return per_sample.contiguous().mean(dim=1)
+    total = per_sample.contiguous().sum(dim=1)
+    return total / kept.sum() if reduction == "mean" else total
 
 
 def mse_delta(outputs: torch.Tensor, targets: torch.Tensor, delta: Delta) -> torch.Tensor:

@@ -1,81 +1,115 @@
-"""The loss at the end of the white-box model: its base value and its exact change for K output deltas."""
+"""The loss at the end of the model: what it is, its base value, and its exact change for K deltas.
+
+- built-in names ('cross_entropy', 'mse') and the default (the model's own `outputs.loss` when it computes one,
+  else cross-entropy of the logits against the batch's targets) are torch ops: the engine records them on the
+  step's tape, and their rules (exact closed forms) give the change of the loss;
+- a callable `output_loss(outputs, batch)` is a black box: it receives the perturbed outputs, batched as
+  [K, B, ...] when it sets `accepts_query_axis = True` and the model returns one tensor, else one query at a time.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..estimators.batching import batch_targets, call_model, model_loss, output_logits
 from ..estimators.common import NonFiniteLossError, finite_scalar
-from .delta import Delta, cross_entropy_delta, mse_delta
 
-OutputLoss = Callable[[torch.Tensor, Any], Any]
+OutputLoss = Callable[[Any, Any], Any]
 BUILTIN_OUTPUT_LOSSES = ("cross_entropy", "mse")
 
 
-def _as_float(value: Any, what: str) -> float:
-    return finite_scalar(value, "output_loss", what)
-
-
 class Head:
-    """output_loss(outputs, batch): a built-in name (exact delta formulas) or any callable (a black box: the
-    perturbed outputs are handed to it, batched as [K, B, ...] when it sets `accepts_query_axis = True`)."""
-
-    def __init__(self, output_loss: str | OutputLoss, batch: Any):
+    def __init__(self, output_loss: str | OutputLoss | None, batch: Any):
         self.output_loss, self.batch = output_loss, batch
+        self.source = "output_loss" if output_loss is not None else "the default loss"
 
-    def targets(self) -> torch.Tensor:
-        if not isinstance(self.batch, (tuple, list)) or len(self.batch) != 2:
-            raise TypeError(
-                f"batch must be a tuple (x, y) for output_loss={self.output_loss!r} (the default when loss_fn is "
-                f"not given), got {type(self.batch).__name__}; pass loss_fn(model, batch) or a callable "
-                "output_loss(outputs, batch) for other batches")
-        return self.batch[1]
+    @property
+    def black_box(self) -> bool:
+        return callable(self.output_loss)
 
-    def loss(self, outputs: torch.Tensor) -> Any:
-        if self.output_loss == "cross_entropy":
-            return F.cross_entropy(outputs, self.targets())
+    def recorded_loss(self, outputs: Any) -> torch.Tensor | None:
+        """The loss as torch ops on the outputs (recorded on the tape), or None for a black box."""
+        if self.black_box:
+            return None
+        if self.output_loss is None:
+            own = model_loss(outputs)
+            if own is not None:
+                return own
+        what = f"output_loss={self.output_loss or 'cross_entropy'!r}"
+        logits = output_logits(outputs)
+        targets = batch_targets(self.batch, what)
         if self.output_loss == "mse":
-            return F.mse_loss(outputs, self.targets().to(outputs.dtype))
-        if getattr(self.output_loss, "accepts_query_axis", False):  # always called with a leading query axis
+            return F.mse_loss(logits, targets.to(logits.dtype))
+        return F.cross_entropy(logits, targets)
+
+    def loss(self, outputs: Any) -> Any:
+        """The loss value of one evaluation (the naive path)."""
+        if not self.black_box:
+            return self.recorded_loss(outputs)
+        if getattr(self.output_loss, "accepts_query_axis", False) and isinstance(outputs, torch.Tensor):
             return torch.as_tensor(self.output_loss(outputs.unsqueeze(0), self.batch)).reshape(-1)[0]
         return self.output_loss(outputs, self.batch)
 
-    def base(self, outputs: torch.Tensor) -> float:
+    def base(self, outputs: Any) -> float:
         try:
             value = self.loss(outputs)
         except Exception as error:
-            error.add_note("zokernels: raised by output_loss in the base evaluation; parameters and buffers were "
-                           "restored")
+            error.add_note(f"zokernels: raised by {self.source} in the base (unperturbed) evaluation; parameters and "
+                           "buffers were restored")
             raise
-        return _as_float(value, "the base (unperturbed) evaluation")
+        return finite_scalar(value, self.source, "the base (unperturbed) evaluation")
 
-    def change(self, outputs: torch.Tensor, delta: Delta, base_loss: float, what: str) -> torch.Tensor:
-        """Loss(outputs + δ_k) − Loss(outputs) for each replica k, float64 [K]."""
-        if delta.perturbed:
-            delta = Delta(delta.dense(outputs))
-        if self.output_loss == "cross_entropy":
-            change = cross_entropy_delta(outputs, self.targets(), delta).double()
-        elif self.output_loss == "mse":
-            change = mse_delta(outputs, self.targets().to(outputs.dtype), delta).double()
+    def output_leaves(self, tape) -> list:
+        """(leaf index, node) for every model output that depends on the parameters."""
+        leaves, _ = tree_flatten(tape.outputs)
+        found = [(i, tape.node_of(leaf)) for i, leaf in enumerate(leaves)]
+        return [(i, node) for i, node in found if node is not None]
+
+    def change(self, rec, deltas: dict, k: int, what: str) -> torch.Tensor:
+        """Loss(θ + step_k e_k) − Loss(θ) for each replica k, float64 [K]."""
+        if rec.loss_node is not None:
+            d = deltas.get(rec.loss_node)
+            change = torch.zeros(k, dtype=torch.float64) if d is None else \
+                d.dense(rec.loss_node.value).reshape(k).double().cpu()
         else:
-            change = self._black_box_change(outputs, delta.dense(outputs), base_loss, what)
+            change = self._black_box_change(rec, deltas, k, what)
         if not torch.isfinite(change).all():
-            raise NonFiniteLossError(f"the loss change is not finite in {what}; parameters and buffers were restored")
+            bad = int((~torch.isfinite(change)).nonzero()[0])
+            raise NonFiniteLossError(f"{self.source} is not finite in {what} (query {bad} of the pass); parameters "
+                                     "and buffers were restored")
         return change
 
-    def _black_box_change(self, outputs, dense, base_loss: float, what: str) -> torch.Tensor:
-        if getattr(self.output_loss, "accepts_query_axis", False):
-            values = torch.as_tensor(self.output_loss(outputs.unsqueeze(0) + dense, self.batch), dtype=torch.float64)
-            if values.shape != (dense.shape[0],):
-                raise ValueError(f"output_loss with accepts_query_axis must return shape ({dense.shape[0]},), "
-                                 f"got {tuple(values.shape)} in {what}")
-            return values.cpu() - base_loss
-        return torch.tensor([_as_float(self.output_loss(outputs + d, self.batch), what) - base_loss
-                             for d in dense], dtype=torch.float64)
+    def _black_box_change(self, rec, deltas: dict, k: int, what: str) -> torch.Tensor:
+        outputs = rec.tape.outputs
+        base_loss = self.base(outputs)
+        leaves, spec = tree_flatten(outputs)
+        perturbed = {i: deltas[node].perturbed_values(node.value).to(leaves[i].dtype)
+                     for i, node in rec.output_nodes if node in deltas}
+        try:
+            if getattr(self.output_loss, "accepts_query_axis", False) and isinstance(outputs, torch.Tensor):
+                batched = perturbed.get(0, outputs.unsqueeze(0).expand(k, *outputs.shape))
+                values = torch.as_tensor(self.output_loss(batched, self.batch), dtype=torch.float64)
+                if values.shape != (k,):
+                    raise ValueError(f"output_loss with accepts_query_axis must return shape ({k},), got "
+                                     f"{tuple(values.shape)} in {what}")
+                return values.cpu() - base_loss
+            changes = []
+            for j in range(k):
+                query = [perturbed[i][j] if i in perturbed else leaf for i, leaf in enumerate(leaves)]
+                value = self.output_loss(tree_unflatten(query, spec), self.batch)
+                changes.append(finite_scalar(value, self.source, f"{what} (query {j} of the pass)") - base_loss)
+            return torch.tensor(changes, dtype=torch.float64)
+        except NonFiniteLossError:
+            raise
+        except Exception as error:
+            error.add_note(f"zokernels: raised by {self.source} during {what}; parameters and buffers were restored")
+            raise
 
-    def as_loss_fn(self, model_input: Callable[[Any], tuple]):
+    def as_loss_fn(self, model_input) -> Callable:
         """The same loss as a loss_fn(model, batch) for the naive path."""
         def loss_fn(model, batch):
-            return Head(self.output_loss, batch).loss(model(*model_input(batch)))
+            return Head(self.output_loss, batch).loss(call_model(model, batch, model_input))
         return loss_fn

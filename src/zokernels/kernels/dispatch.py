@@ -9,6 +9,9 @@ import torch
 from .. import backends
 
 _GPU_ORDER = ("cuda", "triton", "torch")
+# The backends whose GPU kernels the CGE engine calls (fused first layer, one-channel mixing conv). On CPU the C++
+# twins are slower than the engine's own rules, so cpu and torch keep those rules.
+KERNEL_BACKENDS = ("triton", "cuda")
 _CPU_ORDER = ("cpu", "torch")
 
 
