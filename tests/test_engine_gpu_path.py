@@ -10,7 +10,7 @@ from torch import nn
 
 import zokernels
 from zokernels.backends import availability
-from zokernels.engine import cge_engine, graph
+from zokernels.engine import cge_engine, fusion
 from zokernels.reference import cge_ref
 
 from helpers import classification_batch
@@ -132,8 +132,8 @@ def test_cpu_backends_keep_the_engine_rules(monkeypatch, backend):
     def refuse(*args, **kwargs):
         raise AssertionError("a GPU kernel path was taken on a CPU backend")
 
-    monkeypatch.setattr(cge_engine, "fused_seed_delta", refuse)
-    monkeypatch.setattr(graph, "one_channel_conv2d_delta", refuse)
+    monkeypatch.setattr(cge_engine, "fused_first_layer", refuse)
+    monkeypatch.setattr(fusion, "one_channel_conv2d_delta", refuse)
     model = conv_bn_net()
     batch = classification_batch(torch.float64, n=4, shape=(2, 6, 6))
     result = zokernels.cge_step(model, batch, mu=1e-4, mask=few_coordinates(model), update_running_stats=False,
@@ -143,16 +143,19 @@ def test_cpu_backends_keep_the_engine_rules(monkeypatch, backend):
 
 def test_mixing_adapter_declines_what_the_kernel_cannot_read():
     from zokernels.engine.delta import Delta
-    from zokernels.kernels.engine_adapter import one_channel_conv2d_delta
+    from zokernels.engine.fusion import one_channel_conv2d_delta
     values, channels = torch.randn(2, 3, 5, 5), torch.tensor([0, 2])
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    mixed = one_channel_conv2d_delta(Delta(values, channels), conv, "triton")
+    geometry = {"stride": 1, "padding": 1, "dilation": 1, "groups": 1}
+    mixed = one_channel_conv2d_delta(Delta(values, channels), conv.weight, geometry, "triton")
     expected = Delta(values, channels).dense(torch.zeros(3, 3, 5, 5)).flatten(0, 1)
     torch.testing.assert_close(mixed.values.flatten(0, 1), nn.functional.conv2d(expected, conv.weight, padding=1))
-    assert one_channel_conv2d_delta(Delta(values.bfloat16(), channels), nn.Conv2d(3, 4, 3).bfloat16(),
+    assert one_channel_conv2d_delta(Delta(values.bfloat16(), channels), conv.weight.bfloat16(), geometry,
                                     "triton") is None  # the kernels take float32/float64 only
-    assert one_channel_conv2d_delta(Delta(values.double(), channels), conv, "triton") is None  # mixed dtypes
-    assert one_channel_conv2d_delta(Delta(values, channels), nn.Conv2d(3, 3, 3, groups=3), "triton") is None
+    assert one_channel_conv2d_delta(Delta(values.double(), channels), conv.weight, geometry,
+                                    "triton") is None  # mixed dtypes
+    assert one_channel_conv2d_delta(Delta(values, channels), nn.Conv2d(3, 3, 3, groups=3).weight,
+                                    {**geometry, "groups": 3}, "triton") is None
 
 
 def test_masked_sgd_takes_the_engines_estimates():

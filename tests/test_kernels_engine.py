@@ -1,15 +1,15 @@
-"""The engine adapter (zokernels/kernels/engine_adapter.py): starting the engine's propagation after the fused
+"""The engine's fusion plan (zokernels/engine/fusion.py): starting the engine's propagation after the fused
 conv/linear → BN → ReLU kernel gives the same loss changes as the engine's own seed + BN + ReLU rules (float64, to
-rounding), on every backend present, and the adapter declines where the pattern does not hold."""
+rounding), on every backend present, and the plan declines where the pattern does not hold."""
 import pytest
 import torch
 from torch import nn
 
 from zokernels.backends import _C, availability
 from zokernels.engine import cge_engine
+from zokernels.engine.fusion import fused_pattern
 from zokernels.engine.heads import Head
 from zokernels.estimators.common import QueryGuard
-from zokernels.kernels.engine_adapter import fused_pattern, fused_seed_delta
 
 pytest.importorskip("triton")
 HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_first_layer_delta_cpu") and availability()["cpu"].available
@@ -31,22 +31,19 @@ def small_model(train: bool):
 
 
 def loss_changes(model, batch, names, backend):
-    captured = cge_engine.prepare(model)
-    head, params = Head("cross_entropy", batch), [p for p in model.parameters()]
-    guard = QueryGuard(model, params)
+    head, named = Head("cross_entropy", batch), dict(model.named_parameters())
+    guard = QueryGuard(model, list(named.values()))
     results = {}
     with guard, torch.no_grad():
-        base = cge_engine.engine_base(captured, batch, head, lambda b: (b[0],), guard)
-        sites, last_use = cge_engine.parameter_sites(captured), cge_engine._last_uses(captured)
-        outputs = captured.values[captured.nodes[-1].args[0]]
+        _, plain = cge_engine.record_base(model, batch, head, None, guard, named)
+        _, fused = cge_engine.record_base(model, batch, head, None, guard, named, kernel_backend=backend)
         for name in names:
-            node, module, local = sites[name]
-            indices = torch.randperm(module.weight.numel())[:5]
+            indices = torch.randperm(named[name].numel())[:5]
             steps = torch.randn(5, dtype=torch.float64) * 0.05
-            seed = cge_engine.seed_delta(captured, node, module, local, indices, steps, {})
-            expected = head.change(outputs, cge_engine.output_delta(captured, node, seed, last_use), base, name)
-            start, fused = fused_seed_delta(captured, node, module, local, indices, steps, backend=backend)
-            got = head.change(outputs, cge_engine.output_delta(captured, start, fused, last_use), base, name)
+            expected, got = (cge_engine.loss_changes(rec, rec.tape.params[name], indices, steps,
+                                                     cge_engine._last_uses(rec.tape, {rec.loss_node}), name)
+                             for rec in (plain, fused))
+            assert fused_pattern(fused.tape.params[name]) is not None or name == "8.weight", name
             results[name] = (got, expected)
     return results
 
@@ -61,16 +58,18 @@ def test_fused_start_gives_the_engines_loss_changes(train, backend):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-14, msg=name)
 
 
-def test_adapter_declines_outside_the_pattern():
+def _recorded(model, batch):
+    head, named = Head("cross_entropy", batch), dict(model.named_parameters())
+    guard = QueryGuard(model, list(named.values()))
+    with guard, torch.no_grad():
+        return cge_engine.record_base(model, batch, head, None, guard, named)[1].tape
+
+
+def test_fusion_plan_declines_outside_the_pattern():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3, groups=3), nn.BatchNorm2d(3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
-    captured = cge_engine.prepare(model)
-    from zokernels.engine.graph import run_base
-    run_base(captured, (torch.randn(2, 2, 7, 7, dtype=torch.float64),))
-    sites = cge_engine.parameter_sites(captured)
+    tape = _recorded(model, (torch.randn(2, 2, 7, 7, dtype=torch.float64), torch.tensor([0, 1])))
     for name in ("0.weight", "2.weight", "6.weight", "0.bias"):  # no BN; grouped conv; last layer; a bias
-        assert fused_pattern(captured, *sites[name]) is None, name
-    fused = small_model(True)
-    captured = cge_engine.prepare(fused)
-    run_base(captured, (torch.randn(4, 2, 7, 9, dtype=torch.float64),))
-    assert fused_pattern(captured, *cge_engine.parameter_sites(captured)["0.weight"]) is not None
+        assert fused_pattern(tape.params[name]) is None, name
+    tape = _recorded(small_model(True), (torch.randn(4, 2, 7, 9, dtype=torch.float64), torch.tensor([0, 1, 2, 0])))
+    assert fused_pattern(tape.params["0.weight"]) is not None

@@ -16,6 +16,7 @@ from ..estimators.batching import model_call
 from ..estimators.cge import estimate_each_parameter
 from ..estimators.common import QueryGuard, finite_scalar
 from .allocator import retained_heap
+from .fusion import fused_first_layer
 from .heads import Head
 from .propagate import PropagationError, node_delta
 from .rules import Context
@@ -114,12 +115,18 @@ def loss_changes(rec: Recording, param_node: Node, indices: torch.Tensor, steps:
                  last_use: dict, what: str) -> torch.Tensor:
     """ℓ(θ + steps[k] e_indices[k]) − ℓ(θ) for each k, float64 [K]."""
     tape, ctx = rec.tape, rec.ctx
-    users = list(dict.fromkeys(param_node.users))
-    seeds = {u: seed_delta(u, param_node, indices, steps, ctx) for u in users}
+    fused = fused_first_layer(param_node, indices, steps, ctx) if ctx.kernel_backend is not None else None
+    seeds: dict = {}
     deltas: dict = {}
-    if any(s is None for s in seeds.values()):
-        deltas[param_node] = dense_parameter_delta(param_node.value.detach(), indices, steps)
-    begin = min(tape.position[u] for u in users)
+    if fused is not None:  # the GPU kernel formed the delta after layer → BN → ReLU
+        deltas[fused[0]] = fused[1]
+        begin = tape.position[fused[0]] + 1
+    else:
+        users = list(dict.fromkeys(param_node.users))
+        seeds = {u: seed_delta(u, param_node, indices, steps, ctx) for u in users}
+        if any(s is None for s in seeds.values()):
+            deltas[param_node] = dense_parameter_delta(param_node.value.detach(), indices, steps)
+        begin = min(tape.position[u] for u in users)
     end = tape.position[rec.loss_node] if rec.loss_node is not None else len(tape.nodes) - 1
     for position in range(begin, end + 1):
         node = tape.nodes[position]

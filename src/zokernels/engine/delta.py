@@ -81,12 +81,6 @@ def tanh_delta(x: torch.Tensor, delta: Delta) -> Delta:
     return Delta(torch.tanh(d) * (1 - tx * torch.tanh(xb + d)), delta.channels)
 
 
-def elementwise_delta(fn, x: torch.Tensor, delta: Delta) -> Delta:
-    xb = base_like(x, delta)
-    return Delta(fn(xb + delta.values) - fn(xb), delta.channels)
-
-
-# ---- batch normalization ------------------------------------------------------------------------------------
 def batch_statistics(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x − mean, sqrt(var + eps)) per channel over the batch and spatial dims: what BN in train mode uses. Depends
     on the base only, so the engine computes it once per node and step."""
@@ -123,29 +117,6 @@ def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | 
     return Delta(out, delta.channels)
 
 
-def batchnorm_eval_delta(x: torch.Tensor, delta: Delta, module: torch.nn.modules.batchnorm._BatchNorm) -> Delta:
-    scale = torch.rsqrt(module.running_var + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight
-    return delta.scaled(per_channel(scale, delta, x))
-
-
-def batchnorm_uses_batch_stats(module: torch.nn.modules.batchnorm._BatchNorm) -> bool:
-    return module.training or module.running_mean is None
-
-
-def normalized_input(x: torch.Tensor, module: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    """x̂ = (x − mean)/sqrt(var + eps) as the BN module computes it (batch or running statistics)."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if batchnorm_uses_batch_stats(module):
-        dims = tuple(d for d in range(x.dim()) if d != 1)
-        mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-    else:
-        mean, var = module.running_mean, module.running_var
-    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
-
-
-# ---- linear mixing ops ----------------------------------------------------------------------------------------
 def conv_delta(delta: Delta, x: torch.Tensor, conv, weight: torch.Tensor, geometry: dict) -> Delta:
     """δy = conv(δx, W) (no bias), `conv` one of F.conv1d/2d/3d. A one-channel δx with groups == 1 costs 1/C_in of
     a dense conv: a grouped conv with each replica's weight slice W[:, c_k]."""

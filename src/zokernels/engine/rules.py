@@ -234,7 +234,7 @@ def _conv(node, ctx, deltas):
             arguments(node, CONV_ARGS).get("bias")), geometry), d.values)
         return Delta(out, perturbed=True)
     if ctx.kernel_backend is not None and d.channels is not None and node.func is F.conv2d:
-        from ..kernels.mixing import one_channel_conv2d_delta
+        from .fusion import one_channel_conv2d_delta  # fusion reads this registry: imported when used
         mixed = one_channel_conv2d_delta(d, weight, geometry, ctx.kernel_backend)
         if mixed is not None:
             return mixed
