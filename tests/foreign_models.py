@@ -1615,7 +1615,7 @@ class LSTMClassifier(nn.Module):
         return out
 
 
-def _tokens(batch, length, vocab, seed_offset=0):
+def _tokens(batch, length, vocab):
     x = torch.randint(1, vocab, (batch, length))
     x[0, :2] = 0  # left padding on one sample
     return x
