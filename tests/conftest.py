@@ -20,6 +20,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _working_directory_outside_the_checkout(tmp_path_factory, monkeypatch):
+    """Programs write to relative default paths (`runs/...`): every test runs in a fresh temporary directory, so a
+    test that forgets an --out writes there and never into the checkout (`git status` stays clean after the
+    suite). Its own tmp_path is a different folder, so tests can still assert what they wrote there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,10 +1,12 @@
 import csv
+import json
 
 import pytest
 import torch
 
-from zokernels.apps.common import load_checkpoint
-from zokernels.cli import main
+from zokernels.apps.common import duration, load_checkpoint
+from zokernels.apps.resnet20 import PRESETS, coordinate_chunks, resolve_preset
+from zokernels.cli import build_parser, main
 
 SMALL = ["train", "resnet20", "--model", "small_cnn", "--depth", "1", "--train-limit", "96", "--test-limit", "40",
          "--batch-size", "32", "--epochs", "3", "--mask-interval", "2", "--warmup-epochs", "1", "--grasp-q", "8",
@@ -64,8 +66,94 @@ def test_fo_baseline_and_sparse_decay_flag(tmp_path):
     assert not torch.equal(state["model"]["0.weight"], init["model"]["0.weight"])
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--sparsity"):
-        main(SMALL + ["--sparsity", "1.5"])
+        main(SMALL + ["--sparsity", "1.5", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--batch-size"):
-        main(SMALL + ["--batch-size", "1000"])
+        main(SMALL + ["--batch-size", "1000", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--progress-chunk"):
+        main(SMALL + ["--progress-chunk", "0", "--out", str(tmp_path)])
+    # checked before ZO-GraSP runs: a bad --batch-size writes no ratios cache
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chunked_steps_equal_one_call(tmp_path):
+    """--progress-chunk splits a step's CGE into chunks of whole parameters: the same estimate bit for bit (BN
+    statistics included)."""
+    one = _run(tmp_path / "one", "--max-steps", "3")
+    chunked = _run(tmp_path / "chunked", "--max-steps", "3", "--progress-chunk", "50")
+    counts = [int(m.sum()) for m in one["masks"].values()]
+    assert max(counts) <= 50 < sum(counts)  # several chunks, no parameter split
+    for key, value in one["model"].items():
+        assert torch.equal(value, chunked["model"][key]), key
+    assert [r["loss"] for r in _rows(tmp_path / "one" / "steps.csv")] == \
+           [r["loss"] for r in _rows(tmp_path / "chunked" / "steps.csv")]
+
+
+def test_coordinate_chunks_cover_every_coordinate_once():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 30), torch.nn.Linear(30, 2))
+    masks = {"0.weight": torch.rand(30, 10, generator=torch.Generator().manual_seed(0)) < 0.5,
+             "0.bias": torch.ones(30, dtype=torch.bool), "1.weight": torch.ones(2, 30, dtype=torch.bool)}
+    chunks = coordinate_chunks(model, masks, 40)
+    sizes = [sum(int(m.sum()) for m in c.values()) for c in chunks]
+    assert all(20 < n <= 40 for n in sizes), sizes  # split pieces are more than half a chunk
+    assert [set(c) for c in chunks][:1] == [{"0.weight"}]  # a split parameter's pieces are chunks of their own
+    for name, mask in masks.items():
+        together = sum(c[name].int() for c in chunks if name in c)
+        assert torch.equal(together, mask.int()), name  # every selected coordinate exactly once
+    assert coordinate_chunks(model, None, 10_000)[0].keys() == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
+def test_ratio_cache_is_keyed_by_every_input(tmp_path, capsys):
+    """A change of grasp_q, the probe size, the train limit, mu, the model or the seed gives another cache file;
+    the same inputs read the file back; a file at the path with another key is recomputed, not reused."""
+    base = ["--max-steps", "1", "--out", str(tmp_path)]
+    variants = [[], ["--grasp-q", "9"], ["--grasp-per-class", "4"], ["--train-limit", "90"], ["--mu", "1e-2"],
+                ["--depth", "2"], ["--seed", "1"], ["--sparsity", "0.8"], ["--ratios", "fo_grasp"]]
+    for extra in variants:
+        assert main(SMALL + base + extra) == 0
+    files = sorted(tmp_path.glob("lpr_*.json"))
+    assert len(files) == len(variants), [f.name for f in files]
+    capsys.readouterr()
+    assert main(SMALL + base + ["--grasp-q", "9"]) == 0
+    assert "read from" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("lpr_*.json"))) == len(variants)
+    # a file at the expected path whose stored key differs (e.g. written by older code) is not trusted
+    target = next(f for f in files if json.loads(f.read_text())["metadata"]["key"].get("grasp_q") == 9)
+    data = json.loads(target.read_text())
+    data["metadata"]["key"]["format"] = -1
+    target.write_text(json.dumps(data))
+    assert main(SMALL + base + ["--grasp-q", "9"]) == 0
+    assert "recomputing" in capsys.readouterr().out
+    assert json.loads(target.read_text())["metadata"]["key"]["format"] != -1
+
+
+def test_presets_fill_only_what_is_not_given():
+    def resolved(*argv):
+        parser = build_parser(["train", "resnet20", *argv])
+        return resolve_preset(parser.parse_args(["train", "resnet20", *argv]))
+
+    quick = resolved()
+    assert (quick.preset, quick.model, quick.epochs, quick.grasp_q) == ("quick", "small_cnn", 20, 192)
+    paper = resolved("--preset", "paper")
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.warmup_epochs, paper.sparsity,
+            paper.grasp_q, paper.mask_interval) == ("resnet20", 50, 256, 0.1, 3.0, 0.9, 192, 5)
+    mixed = resolved("--preset", "paper", "--epochs", "2", "--model", "small_cnn")
+    assert (mixed.epochs, mixed.model, mixed.batch_size) == (2, "small_cnn", 256)
+    assert PRESETS.keys() == {"quick", "paper"}
+
+
+def test_cost_is_printed_before_training_and_measured_after_the_first_step(tmp_path, capsys):
+    state = _run(tmp_path, "--max-steps", "3")
+    out = capsys.readouterr().out
+    coordinates = sum(int(m.sum()) for m in state["masks"].values())
+    assert f"cost: {coordinates:,} CGE coordinates per step" in out
+    assert f"3 steps = {3 * (coordinates + 1):,} queries" in out
+    assert "measured: ZO small_cnn step 1 took" in out and "projected 2 more steps" in out
+    assert out.index("cost:") < out.index("step 1 took") < out.index("step 2 took") < out.index("done: 3 steps")
+
+
+@pytest.mark.parametrize("seconds, text", [(4.2, "4.2 s"), (42, "42 s"), (600, "10.0 min"), (6480, "1.8 h"),
+                                           (3 * 86400, "3.0 days")])
+def test_duration_units(seconds, text):
+    assert duration(seconds) == text

@@ -1,16 +1,79 @@
 """What every training program shares: atomic checkpoints, resumable CSV logs, loss/accuracy plots, evaluation.
 
 Checkpoints hold everything a bit-identical resume needs: model, optimizer, scheduler, step counters and the
-RNG states (torch CPU and any generator the program passes)."""
+RNG states (torch CPU and any generator the program passes). `TimedProgress` is the progress every long phase
+shows: a tqdm bar with an ETA, plus the measured time of the first steps and the projected rest, printed once."""
 from __future__ import annotations
 
 import csv
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+
+def duration(seconds: float) -> str:
+    """Seconds in the unit a reader wants: '4.2 s', '42 s', '7.5 min', '1.8 h', '3.2 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class TimedProgress:
+    """A tqdm bar (stderr, ETA) over `total` units of a phase, that also prints (stdout) what its first step took
+    and what the rest is projected to take, when that projection is at least `min_projection` seconds (a phase of
+    seconds needs no forecast). With `first_note` (the first step includes one-time work such as tracing), the
+    second, typical step is reported too. `quiet` hides the bar, not the report; `report=False` (e.g. on a
+    non-main rank) hides both."""
+
+    def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, quiet: bool = False,
+                 report: bool = True, first_note: str = "", min_projection: float = 10.0):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=quiet or not report,
+                        file=sys.stderr, dynamic_ncols=True)
+        self.desc, self.unit, self.report, self.first_note = desc, unit, report, first_note
+        self.min_projection = min_projection
+        self.done, self.steps, self.total = initial, 0, total
+        self.last = time.perf_counter()
+
+    def update(self, n: int = 1, **postfix: Any) -> float:
+        """Marks one step of `n` units done; returns its seconds."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.done += n
+        self.steps += 1
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(**postfix)
+        left = self.total - self.done
+        projected = left * seconds / max(n, 1)
+        due = self.steps == 1 or (self.steps == 2 and self.first_note)
+        if self.report and due and left > 0 and projected >= self.min_projection:
+            note = self.first_note if self.steps == 1 else ""
+            # tqdm.write keeps the bars intact
+            tqdm.write(f"measured: {self.desc} step {self.steps} took {duration(seconds)}{note}; projected "
+                       f"{left:,} more {self.unit}{'s' if left > 1 else ''}: ~{duration(projected)}")
+        return seconds
+
+    def set_postfix(self, **postfix: Any) -> None:
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "TimedProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def save_checkpoint_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:

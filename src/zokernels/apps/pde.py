@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CsvLog, plot_curves, save_checkpoint_atomic
+from .common import CsvLog, TimedProgress, plot_curves, save_checkpoint_atomic
 from .pde_model import Corrector, rollout_batched, stacked_parameters
 from .pde_solver import BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states, reference_trajectories
 from .pde_train import METHODS, TrainSettings, train_corrector
@@ -27,24 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--methods", default="src,non,zo-sol,fo-sol", help="comma list among src,non,zo-sol,fo-sol")
     add("--coarse", type=int, default=8, help="coarse grid cells per side")
     add("--refine", type=int, default=4, help="reference grid = coarse * refine, with refine time substeps")
-    add("--dt", type=float, default=0.1)
-    add("--viscosity", type=float, default=0.02)
+    add("--dt", type=float, default=0.1, help="solver time step")
+    add("--viscosity", type=float, default=0.02, help="Burgers viscosity")
     add("--amplitude", type=float, default=2.0, help="peak initial speed component")
-    add("--train-trajectories", type=int, default=32)
-    add("--test-trajectories", type=int, default=16)
+    add("--train-trajectories", type=int, default=32, help="reference trajectories to train on")
+    add("--test-trajectories", type=int, default=16, help="held-out reference trajectories for the MAE")
     add("--frames", type=int, default=24, help="coarse steps per reference trajectory (and per test rollout)")
     add("--hidden", type=int, default=4, help="corrector width")
     add("--steps", type=int, default=300, help="optimizer steps per method")
     add("--batch-size", type=int, default=8, help="training windows per step")
     add("--unroll", type=int, default=8, help="solver steps unrolled per window (NON: pairs per step = B*unroll)")
-    add("--lr", type=float, default=3e-3)
+    add("--lr", type=float, default=3e-3, help="Adam learning rate of the corrector (every method)")
     add("--mu", type=float, default=2e-5,
         help="CGE perturbation; the corrections are ~1e-2, so a larger mu is dominated by curvature bias")
     add("--density", type=float, default=0.25, help="Sparse-CGE: fraction of each weight tensor (biases: all)")
     add("--max-queries", type=int, default=256, help="parameter sets per batched rollout")
     add("--engine", choices=("batched", "api"), default="batched",
         help="batched: queries through the solver as one batch; api: zokernels.cge_step, one query at a time")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seeds the initial states, the corrector init and the windows")
     add("--out", default="runs/pde", help="folder for the PNGs, CSV logs and corrector checkpoints")
 
 
@@ -112,6 +112,22 @@ def _print_paired(results: dict[str, torch.Tensor]) -> None:
               f"paired MAE difference {diff.mean().item():+.4f} ± {stderr:.4f} (s.e.)")
 
 
+def _step_cost(method: str, args: argparse.Namespace, model: Corrector) -> str:
+    """What one training step of `method` costs, in solver calls."""
+    windows = f"{args.batch_size} windows x {args.unroll} unrolled solver steps"
+    if method == "non":
+        return f"offline pairs, {args.batch_size * args.unroll} per step (the solver is not in the loop)"
+    if method == "fo-sol":
+        return f"one rollout of {windows} through the differentiable twin, plus its backward"
+    coordinates = sum(p.numel() if p.dim() == 1 or args.density >= 1.0 else max(1, round(args.density * p.numel()))
+                      for p in model.parameters())
+    chunks = -(-coordinates // max(1, args.max_queries - 1))
+    sets = coordinates + chunks
+    how = "batched rollouts" if args.engine == "batched" else "separate loss evaluations (--engine api)"
+    return (f"{coordinates} CGE coordinates (density {args.density}) = {sets} parameter sets in {how} of {windows} "
+            f"through the black-box solver")
+
+
 def _train_method(method: str, args: argparse.Namespace, config: BurgersConfig, train: torch.Tensor, solver,
                   out: Path) -> Corrector:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
@@ -119,17 +135,21 @@ def _train_method(method: str, args: argparse.Namespace, config: BurgersConfig, 
     torch.manual_seed(args.seed)
     model = Corrector(hidden=args.hidden)
     log = CsvLog(out / f"train_{method}.csv", ["step", "loss", "seconds"])
+    print(f"{LABELS[method]}: {args.steps} steps; {_step_cost(method, args, model)}", flush=True)
     started = time.perf_counter()
+    bar = TimedProgress(args.steps, LABELS[method])
 
     def on_step(step: int, loss: float) -> None:
         log.append(step=step, loss=loss, seconds=round(time.perf_counter() - started, 3))
+        bar.update(1, loss=f"{loss:.4g}")
 
     def twin(state: torch.Tensor) -> torch.Tensor:
         return burgers_step_torch(state, config.dt, config.viscosity)
 
     # Same data order for every method: the generator is reseeded per method.
-    train_corrector(method, model, train, solver, twin, settings, torch.Generator().manual_seed(args.seed + 1),
-                    on_step)
+    with bar:
+        train_corrector(method, model, train, solver, twin, settings, torch.Generator().manual_seed(args.seed + 1),
+                        on_step)
     save_checkpoint_atomic(out / f"corrector_{method}.pt", {"model": model.state_dict(), "args": vars(args)})
     print(f"  trained {LABELS[method]:7s} in {time.perf_counter() - started:6.1f} s "
           f"(last loss {log.read()[-1]['loss']})", flush=True)
@@ -142,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
                            viscosity=args.viscosity)
     out = Path(args.out)
     started = time.perf_counter()
+    print(f"reference data: {args.train_trajectories + args.test_trajectories} trajectories x {args.frames} steps on "
+          f"the {config.fine}^2 grid ...", flush=True)
     train, test = _make_data(args, config)
     print(f"reference data: {len(train)} train / {len(test)} test trajectories x {args.frames} steps "
           f"({config.fine}^2 -> {config.coarse}^2) in {time.perf_counter() - started:.1f} s", flush=True)

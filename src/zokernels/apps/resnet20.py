@@ -10,10 +10,16 @@ with `--ratios dense`, plain FO). Without `--data` it trains on scikit-learn's b
 for ResNets), so it runs offline. Checkpoints are written atomically after every epoch and when stopping at
 --max-steps; `--resume` continues bit-identically (data order, masks, augmentation and query RNG included).
 Launched by torchrun with several processes, CGE coordinates are sharded across them (zokernels.distributed).
+
+Presets: `--preset quick` (default) is a run that finishes in minutes on a 2-core CPU (the paper's algorithm on a
+3,700-parameter CNN and the 8x8 digits); `--preset paper` is DeepZero's ResNet-20 setting (hours per epoch on a
+CPU). Explicit flags override either. Every phase shows progress (ZO-GraSP evaluations, CGE coordinates within a
+step, steps) and the cost of the run is printed before training and measured after its first step.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,55 +28,96 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import api
+from .. import api, distributed, sparsity
 from ..data import augment_crop_flip, cifar_black_fill, iterate_minibatches
 from ..models import RESNET_DEPTHS
 from . import resnet20_setup as setup
-from .common import (CsvLog, accuracy, load_checkpoint, plot_curves, restore_rng_state, rng_state,
-                     save_checkpoint_atomic)
+from .common import (CsvLog, TimedProgress, accuracy, duration, load_checkpoint, plot_curves, restore_rng_state,
+                     rng_state, save_checkpoint_atomic)
 
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "coordinates", "seconds"]
 EPOCH_FIELDS = ["step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "steps_per_s"]
 
 
+# Values of the options whose default depends on --preset. quick: measured to finish in a few minutes on a 2-core
+# CPU (docs/deepzero.md); paper: DeepZero's ResNet-20 / CIFAR-10 setting.
+PRESETS = {
+    "quick": {"model": "small_cnn", "epochs": 20, "batch_size": 128, "lr": 0.5, "warmup_epochs": 1.0,
+              "sparsity": 0.9, "grasp_q": 192, "mask_interval": 5},
+    "paper": {"model": "resnet20", "epochs": 50, "batch_size": 256, "lr": 0.1, "warmup_epochs": 3.0,
+              "sparsity": 0.9, "grasp_q": 192, "mask_interval": 5},
+}
+
+
+def _by_preset(option: str) -> str:
+    return "default: " + ", ".join(f"{name} {values[option]}" for name, values in PRESETS.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--model", default="resnet20", choices=[f"resnet{d}" for d in RESNET_DEPTHS] + ["small_cnn"])
+    add("--preset", default="quick", choices=list(PRESETS),
+        help="quick: small CNN on the 8x8 digits, a few minutes on 2 CPU cores; paper: DeepZero's ResNet-20 "
+             "setting (about 28k coordinates per step at 32x32: hours per step on a CPU). Options below marked "
+             "'default: quick ..., paper ...' take the preset's value unless given")
+    add("--model", default=None, choices=[f"resnet{d}" for d in RESNET_DEPTHS] + ["small_cnn"],
+        help=f"network ({_by_preset('model')})")
     add("--depth", type=int, default=2, help="small_cnn depth 1..5 (730 ... 12,610 parameters)")
-    add("--data", default=None, help="CIFAR-10 python-batch folder; default: embedded scikit-learn digits")
-    add("--image-size", type=int, default=None, help="digits upscaling (default 32 for ResNets, 8 for small_cnn)")
-    add("--train-limit", type=int, default=None, help="use only the first n training examples")
-    add("--test-limit", type=int, default=None, help="use only the first n test examples")
+    add("--data", default=None, help="CIFAR-10 python-batch folder (default: embedded scikit-learn digits)")
+    add("--image-size", type=int, default=None,
+        help="digits upscaling (default: 32 for ResNets, 8 for small_cnn)")
+    add("--train-limit", type=int, default=None, help="use only the first n training examples (default: all)")
+    add("--test-limit", type=int, default=None, help="use only the first n test examples (default: all)")
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
-        help="random crop (4-pad) + flip; default on for CIFAR-10, off for digits")
-    add("--epochs", type=int, default=50)
-    add("--batch-size", type=int, default=256)
-    add("--lr", type=float, default=0.1)
-    add("--momentum", type=float, default=0.9)
-    add("--weight-decay", type=float, default=5e-4)
+        help="random crop (4-pad) + flip (default: on for CIFAR-10, off for digits)")
+    add("--epochs", type=int, default=None, help=f"passes over the training set ({_by_preset('epochs')})")
+    add("--batch-size", type=int, default=None, help=f"examples per step ({_by_preset('batch_size')})")
+    add("--lr", type=float, default=None,
+        help=f"peak SGD learning rate after warm-up, cosine-decayed to 0 ({_by_preset('lr')})")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=float, default=5e-4, help="L2 weight decay added to the estimated gradient")
     add("--decay-unmasked", action=argparse.BooleanOptionalAction, default=True,
         help="apply weight decay to coordinates outside the current mask too (torch SGD's behaviour)")
-    add("--warmup-epochs", type=float, default=3.0)
+    add("--warmup-epochs", type=float, default=None,
+        help=f"linear learning-rate warm-up, in epochs ({_by_preset('warmup_epochs')})")
     add("--mu", type=float, default=5e-3, help="CGE and ZO-GraSP smoothing parameter")
-    add("--sparsity", type=float, default=0.9, help="fraction of Conv/Linear weight coordinates not estimated")
+    add("--sparsity", type=float, default=None,
+        help=f"fraction of Conv/Linear weight coordinates not estimated ({_by_preset('sparsity')})")
     add("--ratios", default="zo_grasp", choices=setup.RATIO_SOURCES, help="where the layer-wise ratios come from")
-    add("--ratios-file", default=None, help="LPR cache (default: <out>/lpr_<model>_<data>_<source>_...json)")
-    add("--grasp-q", type=int, default=192, help="RGE directions per ZO-GraSP estimate")
-    add("--grasp-dist", default="gaussian", choices=["gaussian", "per_tensor_unit"])
+    add("--ratios-file", default=None,
+        help="LPR cache file (default: <out>/lpr_<model>_<data>_<source>_<hash of every input>.json)")
+    add("--grasp-q", type=int, default=None,
+        help=f"RGE directions per ZO-GraSP estimate ({_by_preset('grasp_q')})")
+    add("--grasp-dist", default="gaussian", choices=["gaussian", "per_tensor_unit"],
+        help="ZO-GraSP direction convention (see zokernels/sparsity/zo_grasp.py; per_tensor_unit is fragile)")
     add("--grasp-per-class", type=int, default=25, help="probe batch examples per class")
-    add("--mask-interval", type=int, default=5, help="redraw the coordinate masks every this many epochs")
+    add("--mask-interval", type=int, default=None,
+        help=f"redraw the coordinate masks every this many epochs ({_by_preset('mask_interval')})")
     add("--fo", action="store_true", help="first-order gradients (autograd) on the same loop and masks")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seeds the split, init, probe, ZO-GraSP directions, batches and masks")
     add("--out", default="runs/resnet20", help="folder for checkpoint, CSV logs, LPR cache and plots")
     add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: all epochs)")
     add("--plot", action="store_true", help="write <out>/curves.png from the CSV logs")
-    add("--threads", type=int, default=None, help="torch.set_num_threads")
-    add("--quiet", action="store_true", help="no progress bar")
+    add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    add("--progress-chunk", type=int, default=512,
+        help="about this many CGE coordinates per progress update within a step: a step with more coordinates "
+             "is estimated in chunks (the same estimate, one extra base forward per chunk) so that long steps "
+             "show progress")
+    add("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills every preset-dependent option the user did not give from --preset."""
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {list(PRESETS)}, got {args.preset!r}")
+    for option, value in PRESETS[args.preset].items():
+        if getattr(args, option, None) is None:
+            setattr(args, option, value)
+    return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "mask_interval", "grasp_q"):
+    for name in ("epochs", "batch_size", "mask_interval", "grasp_q", "grasp_per_class", "progress_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -79,19 +126,57 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
 
+def coordinate_chunks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None,
+                      size: int) -> list[dict[str, torch.Tensor]]:
+    """The step's coordinates as masks of about `size` coordinates each: whole parameters grouped in parameter
+    order, and a parameter with more than `size` coordinates split into ceil(n / size) nearly equal pieces (each
+    more than size / 2).
+
+    Why not exact slices of `size`: the engine runs a parameter's coordinates in passes of K replicas (padded, so
+    an estimate does not depend on its pass neighbours), but a parameter with fewer than K selected coordinates
+    runs in one unpadded pass of that many, and a pass of another width can round differently in the last bit.
+    Whole parameters keep their width; pieces of more than size / 2 keep it whenever K <= size / 2 (K is at most
+    16 for ResNet-20 at batch 256, 32x32), so the chunks add up to the one-call estimate bit for bit."""
+    params = dict(model.named_parameters())
+
+    def mask_of(name: str, index: torch.Tensor) -> torch.Tensor:
+        flat = torch.zeros(params[name].numel(), dtype=torch.bool)
+        flat[index] = True
+        return flat.view(params[name].shape).to(params[name].device)
+
+    chunks: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    count = 0
+    for name, index in distributed.selected_coordinates(model, masks):
+        if len(index) == 0:
+            continue
+        if count and count + len(index) > size:
+            chunks.append(current)
+            current, count = {}, 0
+        if len(index) > size:
+            chunks.extend({name: mask_of(name, piece)} for piece in index.tensor_split(math.ceil(len(index) / size)))
+            continue
+        current[name] = mask_of(name, index)
+        count += len(index)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class Trainer:
     """The loop's state; everything in `state_dict` is what a bit-identical resume needs."""
 
-    def __init__(self, args: argparse.Namespace, log=print):
-        self.args, self.log = args, log
+    def __init__(self, args: argparse.Namespace, log=print, is_main: bool = True):
+        self.args, self.log, self.is_main = args, log, is_main
         self.data, self.data_name = setup.load_data(args)
         self.augment = args.augment if args.augment is not None else self.data_name == "cifar10"
-        self.model = setup.make_model(args, self.data.num_classes)
-        self.ratios = setup.layer_ratios(args, self.model, self.data, self.data_name, log)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        # Checked before the ratios are computed (ZO-GraSP can take long and writes a cache file).
         self.steps_per_epoch = len(self.data.train_y) // args.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(self.data.train_y)} training examples")
+        self.model = setup.make_model(args, self.data.num_classes)
+        self.ratios = setup.layer_ratios(args, self.model, self.data, self.data_name, log)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
         total = self.steps_per_epoch * args.epochs
         warmup = round(args.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, setup.warmup_cosine(total, warmup))
@@ -122,13 +207,35 @@ class Trainer:
             setattr(self, key, state[key])
         restore_rng_state(state["rng"], self.generators)
 
+    def coordinates_per_step(self) -> int:
+        masks = self.masks if self.masks is not None else setup.draw_masks(
+            self.model, self.ratios, torch.Generator().manual_seed(0))  # counts only: the draw does not matter
+        return sum(len(index) for _, index in distributed.selected_coordinates(self.model, masks))
+
+    def _cge(self, batch) -> float:
+        """CGE on the mask; with more than --progress-chunk coordinates, chunk by chunk with a progress bar (the
+        same estimate: see coordinate_chunks). BN running statistics move once (first chunk only), as in one
+        step; each chunk costs one more base forward."""
+        chunks = coordinate_chunks(self.model, self.masks, self.args.progress_chunk)
+        if len(chunks) <= 1:
+            return api.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
+        loss = None
+        with tqdm(total=sum(int(m.sum()) for c in chunks for m in c.values()), desc=f"step {self.global_step + 1}",
+                  unit="coord", leave=False, disable=self.args.quiet or not self.is_main, file=sys.stderr) as bar:
+            for i, chunk in enumerate(chunks):
+                result = api.cge_step(self.model, batch, mu=self.args.mu, mask=chunk, accumulate=i > 0,
+                                      update_running_stats=i == 0)
+                loss = result.loss if loss is None else loss
+                bar.update(result.num_coordinates)
+        return loss
+
     def _gradient(self, batch) -> float:
         """Writes the (masked) gradient estimate into .grad and returns the minibatch loss."""
         self.model.train()
         if not self.args.fo:
             if self.sharder is not None:
                 return self.sharder.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
-            return api.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
+            return self._cge(batch)
         self.optimizer.zero_grad(set_to_none=False)
         loss = F.cross_entropy(self.model(batch[0]), batch[1])
         loss.backward()
@@ -182,11 +289,30 @@ def _end_epoch(trainer: Trainer, epoch_log: CsvLog, seconds: float, steps: int) 
     return row
 
 
+def _print_cost(trainer: Trainer, args: argparse.Namespace, steps: int, log) -> None:
+    """What the run will cost, before it starts: loss queries per step and in all."""
+    batch = f"{args.batch_size} examples"
+    if args.fo:
+        log(f"cost: {steps} first-order steps (one forward + backward of {batch} each)", flush=True)
+        return
+    coordinates = trainer.coordinates_per_step()
+    if trainer.ratios is None:
+        what = "every trainable coordinate (dense CGE)"
+    else:
+        weights = sum(sparsity.kept_counts(trainer.model, trainer.ratios).values())
+        what = f"{weights:,} sampled Conv/Linear weights + {coordinates - weights:,} BN/bias coordinates"
+    log(f"cost: {coordinates:,} CGE coordinates per step ({what}) = {coordinates + 1:,} loss queries of {batch}; "
+        f"{steps} steps = {steps * (coordinates + 1):,} queries", flush=True)
+
+
 def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_log: CsvLog, is_main: bool) -> None:
     max_steps = args.max_steps or trainer.steps_per_epoch * args.epochs
     total = min(max_steps, trainer.steps_per_epoch * args.epochs)
-    bar = tqdm(total=total, initial=trainer.global_step, disable=args.quiet or not is_main, unit="step",
-               desc=f"{'FO' if args.fo else 'ZO'} {args.model}", file=sys.stderr)
+    _print_cost(trainer, args, total - trainer.global_step, trainer.log)
+    # The first step also traces the model for the engine (the capture is cached for the later steps).
+    bar = TimedProgress(total, f"{'FO' if args.fo else 'ZO'} {args.model}", initial=trainer.global_step,
+                        quiet=args.quiet, report=is_main, min_projection=0.0,
+                        first_note="" if args.fo else " (includes tracing the model)")
     checkpoint = Path(args.out) / "checkpoint.pt"
     while trainer.epoch < args.epochs and trainer.global_step < max_steps:
         batches = trainer.epoch_batches()
@@ -194,6 +320,7 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
         for batch in batches[trainer.step_in_epoch:]:
             step_start = time.perf_counter()
             loss = trainer.train_step(batch)
+            step_seconds = time.perf_counter() - step_start
             trainer.global_step += 1
             trainer.step_in_epoch += 1
             done += 1
@@ -202,9 +329,8 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
             if is_main:
                 step_log.append(step=trainer.global_step, epoch=trainer.epoch + 1, loss=loss,
                                 lr=trainer.scheduler.get_last_lr()[0], coordinates=coordinates,
-                                seconds=round(time.perf_counter() - step_start, 4))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=trainer.epoch + 1)
+                                seconds=round(step_seconds, 4))
+            bar.update(1, loss=f"{loss:.4f}", epoch=trainer.epoch + 1)
             if trainer.global_step >= max_steps:
                 break
         if trainer.step_in_epoch == len(batches):
@@ -216,17 +342,25 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
     bar.close()
 
 
+def _describe(args: argparse.Namespace) -> str:
+    data = f"CIFAR-10 from {args.data}" if args.data else "the embedded scikit-learn digits"
+    model = f"small_cnn depth {args.depth}" if args.model == "small_cnn" else args.model
+    method = "FO (autograd)" if args.fo else f"sparse CGE, {args.ratios} ratios at sparsity {args.sparsity}"
+    return (f"train resnet20, preset {args.preset}: {model} on {data}; {method}; {args.epochs} epochs, batch "
+            f"{args.batch_size}, lr {args.lr}")
+
+
 def run(args: argparse.Namespace) -> int:
+    resolve_preset(args)
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the queries' forward seeds come from torch's global generator
-    from .. import distributed
-
     sharder = distributed.CoordinateSharder.from_environment() if not args.fo else None
     is_main = sharder is None or sharder.rank == 0
-    log = print if is_main else (lambda *_: None)
-    trainer = Trainer(args, log)
+    log = print if is_main else (lambda *_, **__: None)
+    log(_describe(args), flush=True)
+    trainer = Trainer(args, log, is_main)
     trainer.sharder = sharder
     out = Path(args.out)
     if args.resume:
@@ -242,8 +376,9 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         rows = epoch_log.read()
         last = rows[-1] if rows else {}
-        log(f"done: {steps} steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.3f} steps/s); "
-            f"last epoch test_acc={last.get('test_acc', 'n/a')} train_loss={last.get('train_loss', 'n/a')}")
+        result = (f"; epoch {last['epoch']}: test accuracy {100 * float(last['test_acc']):.1f} %, train loss "
+                  f"{float(last['train_loss']):.4f}" if last else "")
+        log(f"done: {steps} steps in {duration(seconds)} ({steps / max(seconds, 1e-9):.3f} steps/s){result}")
         if args.plot:
             log(f"plot: {plot_curves({'train': out / 'epochs.csv'}, 'epoch', ['train_loss', 'test_loss', 'test_acc'], out / 'curves.png', title=args.model)}")
     if sharder is not None:

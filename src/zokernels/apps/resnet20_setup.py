@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .. import sparsity
 from ..data import TensorSplit, load_cifar10_tensors, load_digits_tensors
+from ..estimators.common import default_loss
 from ..models import build_model
 
 RATIO_SOURCES = ("zo_grasp", "fo_grasp", "smart", "uniform", "dense")
@@ -36,45 +41,107 @@ def make_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
-def _ratios_cache_path(args: argparse.Namespace, data_name: str) -> Path:
+# Bump when the way ratios are computed changes, so caches written by older code are not reused.
+LPR_FORMAT = 2
+
+
+def tensor_digest(tensors) -> str:
+    """sha256 over dtypes, shapes and raw bytes: equal digests mean bit-identical tensors."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def probe_batch(args: argparse.Namespace, data: TensorSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraSP's class-balanced probe batch (--grasp-per-class examples per class, drawn with --seed)."""
+    probe_gen = torch.Generator().manual_seed(args.seed)
+    return sparsity.class_balanced_probe(data.train_x, data.train_y, args.grasp_per_class, probe_gen)
+
+
+def ratios_key(args: argparse.Namespace, model: nn.Module, probe) -> dict:
+    """Every input that changes the ratios' content, as a canonical dict. The model's initial state and the probe
+    batch enter as digests of their bytes, so the model, depth, init seed, data folder, image size, train limit
+    and probe size are all covered without listing them (and a new flag that changes them cannot be forgotten).
+    Smart Ratio and uniform ratios depend only on the layers' shapes."""
+    key = {"format": LPR_FORMAT, "source": args.ratios, "sparsity": float(args.sparsity),
+           "layers": hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode())
+           .hexdigest()}
+    if args.ratios in ("zo_grasp", "fo_grasp"):
+        key["init"] = tensor_digest(model.state_dict().values())
+        key["probe"] = tensor_digest(probe)
+    if args.ratios == "zo_grasp":
+        key.update(grasp_q=args.grasp_q, grasp_dist=args.grasp_dist, mu=float(args.mu), direction_seed=args.seed)
+    return key
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ratios_cache_path(args: argparse.Namespace, data_name: str, key: dict) -> Path:
     if args.ratios_file:
         return Path(args.ratios_file)
     depth = f"d{args.depth}" if args.model == "small_cnn" else ""
-    return Path(args.out) / f"lpr_{args.model}{depth}_{data_name}_{args.ratios}_s{args.sparsity}_seed{args.seed}.json"
+    return Path(args.out) / f"lpr_{args.model}{depth}_{data_name}_{args.ratios}_{key_digest(key)}.json"
 
 
-def _compute_ratios(args: argparse.Namespace, model: nn.Module, data: TensorSplit) -> dict[str, float]:
+def _compute_ratios(args: argparse.Namespace, model: nn.Module, probe, log=print) -> dict[str, float]:
     if args.ratios == "smart":
         return sparsity.smart_ratios(model, args.sparsity)
     if args.ratios == "uniform":
         return sparsity.uniform_ratios(model, args.sparsity)
-    probe_gen = torch.Generator().manual_seed(args.seed)
-    probe = sparsity.class_balanced_probe(data.train_x, data.train_y, args.grasp_per_class, probe_gen)
     model.train()
     if args.ratios == "fo_grasp":
+        log(f"FO-GraSP scores on {len(probe[1])} probe images (one double backward)", flush=True)
         scores = sparsity.fo_grasp_scores(model, probe)
     else:
-        scores = sparsity.zo_grasp_scores(model, probe, q=args.grasp_q, mu=args.mu, dist=args.grasp_dist,
-                                          seed=args.seed)
+        # ZO-GraSP is 2(q + 1) loss evaluations of the probe batch: counting them through the loss function gives
+        # a progress bar with an ETA without touching the estimator.
+        evaluations = 2 * (args.grasp_q + 1)
+        with tqdm(total=evaluations, desc="ZO-GraSP", unit="eval", disable=args.quiet, file=sys.stderr) as bar:
+            def counted_loss(m: nn.Module, batch) -> torch.Tensor:
+                loss = default_loss(m, batch)
+                bar.update(1)
+                return loss
+
+            scores = sparsity.zo_grasp_scores(model, probe, loss_fn=counted_loss, q=args.grasp_q, mu=args.mu,
+                                              dist=args.grasp_dist, seed=args.seed)
     return sparsity.ratios_from_scores(scores, args.sparsity)
 
 
 def layer_ratios(args: argparse.Namespace, model: nn.Module, data: TensorSplit, data_name: str,
                  log=print) -> dict[str, float] | None:
-    """The LPR for --ratios at --sparsity, read from the cache file when present (ZO-GraSP costs 2(q+1)
-    forwards of the probe batch), else computed from the model at init and saved. None means dense."""
+    """The LPR for --ratios at --sparsity, read from the cache file when its key (ratios_key) matches, else
+    computed from the model at init and saved. None means dense. ZO-GraSP costs 2(q+1) forwards of the probe
+    batch, hence the cache."""
     if args.ratios == "dense":
         return None
-    path = _ratios_cache_path(args, data_name)
+    probe = probe_batch(args, data) if args.ratios in ("zo_grasp", "fo_grasp") else None
+    key = ratios_key(args, model, probe)
+    path = ratios_cache_path(args, data_name, key)
     if path.is_file():
         ratios, meta = sparsity.load_ratios(path)
-        log(f"layer-wise pruning ratios read from {path} ({meta.get('source', '?')})")
-        return ratios
-    ratios = _compute_ratios(args, model, data)
-    sparsity.save_ratios(path, ratios, source=args.ratios, sparsity=args.sparsity, model=args.model,
+        stored = meta.get("key", {})
+        if stored == key:
+            log(f"layer-wise pruning ratios read from {path} ({meta.get('source', '?')})", flush=True)
+            return ratios
+        if args.ratios_file:  # the user named this file: use it, but say how it differs from this run
+            differs = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+            log(f"layer-wise pruning ratios read from --ratios-file {path}; note: computed with other inputs "
+                f"than this run's ({', '.join(differs)} differ)", flush=True)
+            return ratios
+        log(f"{path} was computed from other inputs; recomputing", flush=True)
+    if args.ratios == "zo_grasp":
+        log(f"ZO-GraSP: {2 * (args.grasp_q + 1)} loss evaluations of {len(probe[1])} probe images "
+            f"(q = {args.grasp_q} directions, twice)", flush=True)
+    ratios = _compute_ratios(args, model, probe, log)
+    sparsity.save_ratios(path, ratios, key=key, source=args.ratios, sparsity=args.sparsity, model=args.model,
                          seed=args.seed, grasp_q=args.grasp_q, grasp_dist=args.grasp_dist)
     log(f"layer-wise pruning ratios ({args.ratios}) saved to {path}; overall sparsity "
-        f"{sparsity.overall_sparsity(model, ratios):.4f}")
+        f"{sparsity.overall_sparsity(model, ratios):.4f}", flush=True)
     return ratios
 
 
