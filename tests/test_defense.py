@@ -8,6 +8,8 @@ import torch
 from zokernels.apps.defense import ABSTAIN, certified_accuracy, certify, clopper_pearson_lower
 from zokernels.apps.defense_train import BlackBoxClassifier, Denoiser, DenoiserSettings, _zo_denoiser_step
 
+from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within
+
 scipy_stats = pytest.importorskip("scipy.stats")
 
 
@@ -78,23 +80,39 @@ def test_untrained_denoiser_is_the_identity():
     assert torch.equal(Denoiser()(images), images)
 
 
-def test_batched_zo_denoiser_estimate_equals_cge_step():
+def _denoiser_estimates(engine, dtype):
+    """One ZO denoiser step's estimates (the same network, denoiser, images and coordinates for every engine and
+    dtype)."""
     torch.manual_seed(0)
-    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).to(dtype)
     black_box = BlackBoxClassifier(network)
-    noisy, labels = torch.rand(6, 1, 8, 8), torch.randint(10, (6,))
-    grads = {}
-    for engine in ("batched", "api"):
-        torch.manual_seed(1)  # the same denoiser for both engines
-        denoiser = Denoiser(hidden=2)
-        for p in denoiser.parameters():
-            torch.nn.init.normal_(p, std=0.2)
-        settings = DenoiserSettings(density=0.3, engine=engine, max_queries=8)
-        _zo_denoiser_step(denoiser, black_box, noisy, labels, settings, torch.Generator().manual_seed(4))
-        grads[engine] = [p.grad.clone() for p in denoiser.parameters()]
-    for a, b in zip(grads["batched"], grads["api"]):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
-    assert sum(g.count_nonzero() for g in grads["api"]) > 0
+    noisy, labels = torch.rand(6, 1, 8, 8).to(dtype), torch.randint(10, (6,))
+    torch.manual_seed(1)
+    denoiser = Denoiser(hidden=2)
+    for p in denoiser.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    denoiser.to(dtype)
+    settings = DenoiserSettings(density=0.3, engine=engine, max_queries=8)
+    loss = _zo_denoiser_step(denoiser, black_box, noisy, labels, settings, torch.Generator().manual_seed(4))
+    return [p.grad.clone() for p in denoiser.parameters()], loss, settings.mu
+
+
+def test_batched_zo_denoiser_estimate_equals_cge_step():
+    oracle, loss, mu = _denoiser_estimates("api", torch.float64)  # cge_step in float64
+    assert sum(g.count_nonzero() for g in oracle) > 0
+    # float32 (what the app runs): both paths are float32 difference quotients of a float32 forward, so each is
+    # off the float64 oracle by float32 rounding noise of the loss over μ: two independent samples of the same
+    # noise (each path's base-loss rounding is shared by all its coordinates, so their maxima can differ by ~2x;
+    # 1.0x and 1.16x seen on AVX-512 and AVX2). The batched path (grouped convolutions, other kernels) is held to
+    # 3x the error of cge_step's plain float32 difference, measured here on this machine (the old constant
+    # rtol 1e-3 / atol 1e-4 was used to 0.48 on an AVX-512 CPU and to 0.87 on AVX2).
+    api32, _, _ = _denoiser_estimates("api", torch.float32)
+    batched32, _, _ = _denoiser_estimates("batched", torch.float32)
+    names = range(len(oracle))
+    assert_float32_error_within(dict(zip(names, batched32)), dict(zip(names, api32)), dict(zip(names, oracle)),
+                                factor=3, floor=FLOAT32_UNIT_ROUNDOFF * abs(loss) / mu, what="batched estimate")
+    for a, b in zip(batched32, api32):
+        assert torch.equal(a != 0, b != 0)  # the same coordinates
 
 
 def test_cli_smoke(tmp_path, capsys):

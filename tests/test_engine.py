@@ -79,7 +79,9 @@ def test_engine_equals_naive_in_float64(case, scheme, dense_mode):
                                 dense_mode=dense_mode)
     assert result.engine == "delta"
     for name, p in model.named_parameters():
-        # the naive float64 difference itself carries ~1e-16·|L|/μ of rounding
+        # Stated bound, not fitted: a float64 loss (|L| ≲ 1 here) is off by a few 2⁻⁵³|L| on any CPU, a
+        # difference quotient over μ = 1e-4 by ~1e-12; atol 1e-10 allows 100 roundings of |L| per query; rtol
+        # 1e-7 is a loose cap (the realized step h = fl(θ + μ) − θ is only ~2⁻⁵³·|θ|/μ ≲ 1e-11 relative off μ).
         torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7, msg=name)
 
 
@@ -103,7 +105,11 @@ def test_float32_engine_error_at_most_naive_float32_error(make, shape, fraction,
     naive32 = cge_ref(model, batch, mu=5e-3, mask=mask)
     zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False, dense_mode=dense_mode)
     engine32 = {n: p.grad for n, p in model.named_parameters()}
-    assert _max_error(engine32, oracle, mask) <= _max_error(naive32, oracle, mask)
+    # Measured on this machine, pooled over all coordinates: the delta form (exact deltas) is held to the naive
+    # float32 difference's error, the perturbed form (stores x + δ in float32 like the naive difference) to 2x it
+    # (docs/engine.md). At 1x the perturbed resnet20 case used 0.53 of it on an AVX-512 CPU, 0.77 on AVX2.
+    factor = 1 if dense_mode == "delta" else 2
+    assert _max_error(engine32, oracle, mask) <= factor * _max_error(naive32, oracle, mask)
 
 
 def test_black_box_numpy_tail_batched_and_looped():
@@ -125,6 +131,7 @@ def test_black_box_numpy_tail_batched_and_looped():
         result = zokernels.cge_step(model, (x, y), mu=1e-5, output_loss=tail)
         assert result.engine == "delta"
         for name, p in model.named_parameters():
+            # float64, μ = 1e-5, |L| ≲ 1: a few 2⁻⁵³|L|/μ ≈ 1e-11 of rounding; atol 1e-9 allows 100 roundings
             torch.testing.assert_close(p.grad, expected[name], atol=1e-9, rtol=1e-7)
 
 
@@ -135,6 +142,7 @@ def test_mse_output_loss():
     expected = cge_ref(model, (x, t), mu=1e-5, loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
     zokernels.cge_step(model, (x, t), mu=1e-5, output_loss="mse")
     for name, p in model.named_parameters():
+        # float64, μ = 1e-5, as above: atol 1e-9 allows 100 roundings of 2⁻⁵³|L| per query
         torch.testing.assert_close(p.grad, expected[name], atol=1e-9, rtol=1e-7)
 
 
@@ -145,6 +153,8 @@ def test_memory_budget_changes_batching_not_results():
     wide = [p.grad.clone() for p in model.parameters()]
     zokernels.cge_step(model, batch, update_running_stats=False, max_memory_bytes=1)  # K = 1
     for a, p in zip(wide, model.parameters()):
+        # same float64 delta rules on other batch shapes: only summation order differs, ~2⁻⁵³ relative to the
+        # (small) deltas and the gradient, far below atol 1e-13 / rtol 1e-10
         torch.testing.assert_close(p.grad, a, atol=1e-13, rtol=1e-10)
 
 

@@ -11,7 +11,7 @@ from zokernels.models import resnet20
 from zokernels.reference import cge_ref
 from zokernels.reference.engine_ref import batchnorm_replicas_ref
 
-from helpers import classification_batch
+from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within, classification_batch
 
 needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available,
                                    reason="zokernels._C (cpu backend) is not built")
@@ -39,7 +39,9 @@ def test_batchnorm_replicas_matches_float64_twin(k, b, c, h, w, affine, relu):
     out = fused.batchnorm_replicas(x, bn, center, relu)
     assert out is not None and out.shape == x.shape
     expected = batchnorm_replicas_ref(x, bn.weight, bn.bias, bn.eps, relu)
-    # float32 outputs of size ≲ 5: a few ulps; a statistic in float would be off by ~1e-4 on the larger shapes
+    # Stated bound: float32 outputs of size ≲ 5, a few ulps (2⁻²⁴·5 ≈ 3e-7 each); a statistic in float would be
+    # off by ~1e-4 on the larger shapes. The kernel is _C, built without -march and without FMA contraction
+    # (CMakeLists.txt), so it rounds the same on every x86-64 CPU.
     torch.testing.assert_close(out.double(), expected, atol=3e-6, rtol=0)
 
 
@@ -79,17 +81,21 @@ def test_perturbed_mode_runs_fused_bn_relu_within_design_tolerance(monkeypatch):
     g = torch.Generator().manual_seed(3)
     mask = {n: torch.rand(p.shape, generator=g) < 4e-4 for n, p in model.named_parameters()}
     mask["layer1.0.conv1.weight"].view(-1)[:2] = True  # dense stage through almost the whole network
-    oracle = cge_ref(_double_copy(model), (batch[0].double(), batch[1]), mu=5e-3, mask=mask)
+    model64 = _double_copy(model)
+    oracle = cge_ref(model64, (batch[0].double(), batch[1]), mu=5e-3, mask=mask)
     naive = cge_ref(model, batch, mu=5e-3, mask=mask)
     zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False, dense_mode="perturbed")
     assert calls and any(calls), "the perturbed dense stage should use the fused BN + ReLU kernel"
-    for name, p in model.named_parameters():
-        if mask[name].any():
-            engine_error = (p.grad.double() - oracle[name])[mask[name]].abs().max()
-            naive_error = (naive[name].double() - oracle[name])[mask[name]].abs().max()
-            # the perturbed form stores x + δ in float32, as the naive difference does: DESIGN.md's rule for
-            # such fast paths is at most 2x the plain float32 path's error (the delta form is held to 1x)
-            assert engine_error <= 2 * max(naive_error, 1e-6), name
+    # The perturbed form stores x + δ in float32, as the naive difference does: docs/engine.md's rule for such
+    # fast paths is at most 2x the plain float32 path's error (the delta form is held to 1x), both measured here
+    # against the float64 oracle and pooled over all coordinates (per parameter there are one or two, and the
+    # ratio of two single noise samples is unbounded: 3.2 on an AVX2 CPU with the old per-parameter check).
+    # Floor: one float32 rounding of the loss over the step, the resolution of any float32 difference quotient.
+    with torch.no_grad():
+        loss64 = nn.functional.cross_entropy(model64(batch[0].double()), batch[1]).item()
+    engine = {name: p.grad for name, p in model.named_parameters()}
+    assert_float32_error_within(engine, naive, oracle, mask, factor=2,
+                                floor=FLOAT32_UNIT_ROUNDOFF * abs(loss64) / 5e-3, what="perturbed engine")
 
 
 def _double_copy(model):

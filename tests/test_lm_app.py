@@ -5,6 +5,8 @@ import torch
 
 from zokernels import ZOSVRG, mezo_step
 
+from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -131,7 +133,12 @@ def test_trim_padding_keeps_logits_and_drops_unused_columns():
     assert trimmed["input_ids"].shape == (6, 11) and torch.equal(trimmed["labels"], b["labels"])
     with torch.no_grad():
         full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        assert torch.allclose(lm.logits_of(model, b), full, atol=1e-5)
+        oracle = model.double()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        trimmed = lm.logits_of(model.float(), b)
+    # masked columns get zero attention weight, so trimming changes only the float32 rounding (other sequence
+    # lengths, other kernels): within 2x the full-length float32 error vs float64, measured here
+    assert_float32_error_within(trimmed, full, oracle, factor=2,
+                                floor=FLOAT32_UNIT_ROUNDOFF * oracle.abs().max().item(), what="trimmed logits")
 
 
 def test_mean_pool_classifier_ignores_padding_and_drops_the_pooler():
@@ -149,7 +156,11 @@ def test_mean_pool_classifier_ignores_padding_and_drops_the_pooler():
     with torch.no_grad():
         short = model(input_ids=ids, attention_mask=torch.ones(3, 7).long()).logits
         long = model(input_ids=padded, attention_mask=mask).logits
-    assert torch.allclose(short, long, atol=1e-5)
+        oracle = model.double()(input_ids=ids, attention_mask=torch.ones(3, 7).long()).logits
+    # padding is ignored exactly (zero attention weight, excluded from the mean), so the padded float32 logits
+    # differ from the short ones by rounding only: within 2x the short float32 error vs float64, measured here
+    assert_float32_error_within(long, short, oracle, factor=2,
+                                floor=FLOAT32_UNIT_ROUNDOFF * oracle.abs().max().item(), what="padded logits")
 
 
 def test_pooling_auto_reads_sentence_transformers_config(tmp_path):

@@ -1,4 +1,6 @@
 """PDE error correction: the black-box solver, its torch twin, the corrector loop, batched Sparse-CGE, the CLI."""
+import copy
+
 import pytest
 import torch
 
@@ -6,6 +8,8 @@ from zokernels.apps.pde_model import Corrector, corrector_forward_batched, rollo
 from zokernels.apps.pde_solver import (BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states,
                                        reference_trajectories)
 from zokernels.apps.pde_train import batched_sparse_cge, random_coordinate_mask, rollout_loss_batched, sample_windows
+
+from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within, max_error
 
 pytest.importorskip("phi")
 
@@ -38,9 +42,14 @@ def test_black_box_solver_gives_no_gradient(references):
 
 def test_torch_twin_matches_phiflow_step(references):
     state = references[:, 1]
-    expected = _solver()(state)
+    phiflow = _solver()(state)
+    oracle = burgers_step_torch(state.double(), CONFIG.dt, CONFIG.viscosity)  # the twin in float64
+    # Both are float32 evaluations of one scheme: PhiFlow's error vs the float64 twin is held to 4x the float32
+    # twin's own error, measured here (2.1x seen: PhiFlow spends more float32 operations per cell); floor: one
+    # float32 rounding of the state's scale.
+    assert_float32_error_within(phiflow, _twin(state), oracle, factor=4,
+                                floor=FLOAT32_UNIT_ROUNDOFF * oracle.abs().max().item(), what="PhiFlow step")
     got = _twin(state)
-    assert torch.allclose(got, expected, atol=2e-5), (got - expected).abs().max()
     assert (got - state).abs().max() > 1e-2  # the step does something
 
 
@@ -68,7 +77,11 @@ def test_batched_forward_matches_each_model_alone(references):
     states = references[:, 1:4].transpose(0, 1)  # Q=3 different batches
     batched = corrector_forward_batched(stacked, states)
     for q, m in enumerate(models):
-        assert torch.allclose(batched[q], m(states[q]), atol=1e-6)
+        oracle = copy.deepcopy(m).double()(states[q].double())
+        # grouped float32 convolutions vs the module's own: other kernels, other rounding order; held to 4x the
+        # module's float32 error vs float64, measured here (0.7x–1.8x seen on AVX2 and AVX-512)
+        assert_float32_error_within(batched[q], m(states[q]), oracle, factor=4,
+                                    floor=FLOAT32_UNIT_ROUNDOFF * oracle.abs().max().item(), what=f"query {q}")
 
 
 def test_corrector_loop_sends_each_step_through_the_solver_once(references):
@@ -100,9 +113,26 @@ def test_batched_sparse_cge_equals_cge_step_through_black_box(references):
         return rollout_loss_batched(solver, [p.unsqueeze(0) for p in m.parameters()], *batch)[0]
 
     cge_step(model, (start, targets), loss_fn=loss_fn, mu=5e-3, mask=mask)
-    for b, p in zip(batched, model.parameters()):
-        assert torch.allclose(b, p.grad, rtol=1e-3, atol=1e-5)
-        assert torch.equal(b != 0, p.grad != 0)
+    api = [p.grad.clone() for p in model.parameters()]
+    # Reference measured here: the naive float32 difference's error for this rollout, from the float32 torch twin
+    # of the solver against the twin in float64. Both estimates are such differences through PhiFlow, so
+    # |batched − api| ≤ err(batched) + err(api), each within ~2x the twin's (PhiFlow's own float32 error is 2.1x
+    # the twin's): 4x. Seen: 0.1–0.2 of it on AVX2 and AVX-512.
+    def twin_loss(m, batch):
+        return rollout_loss_batched(_twin, [p.unsqueeze(0) for p in m.parameters()], *batch)[0]
+
+    cge_step(model, (start, targets), loss_fn=twin_loss, mu=5e-3, mask=mask)
+    twin32 = [p.grad.clone() for p in model.parameters()]
+    model64 = copy.deepcopy(model).double()
+    result = cge_step(model64, (start.double(), targets.double()), loss_fn=twin_loss, mu=5e-3, mask=mask)
+    twin64 = [p.grad for p in model64.parameters()]
+    names = range(len(api))
+    difference = max_error(dict(zip(names, batched)), dict(zip(names, api)))
+    noise = max(max_error(dict(zip(names, twin32)), dict(zip(names, twin64))),
+                FLOAT32_UNIT_ROUNDOFF * result.loss / 5e-3)
+    assert difference <= 4 * noise, (difference, noise)
+    for b, a in zip(batched, api):
+        assert torch.equal(b != 0, a != 0)
     assert any(b.abs().sum() > 0 for b in batched)
 
 

@@ -78,7 +78,8 @@ def test_dropout_draws_same_mask_in_every_query():
     batch = classification_batch()
     zokernels.cge_step(model, batch, mu=1e-6, scheme="central")
     estimate = model[0].bias.grad.clone()
-    # With common random numbers the estimate is a derivative of one fixed subnetwork: finite and moderate.
+    # With common random numbers the estimate is a derivative of one fixed subnetwork: finite and moderate (|∂L|
+    # of a 4-8-3 network on unit inputs is O(1)); with fresh dropout masks per query it would be |ΔL|/μ ~ 1e5.
     assert torch.isfinite(estimate).all() and estimate.abs().max() < 10
     state = torch.get_rng_state()
     with torch.no_grad():
