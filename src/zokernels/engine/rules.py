@@ -567,6 +567,8 @@ def _cat(node, ctx, deltas):
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     if not isinstance(tensors, (list, tuple)) or set(node.kwargs) - {"dim", "tensors"}:
         return NotImplemented
+    # torch.cat skips 1-D empty tensors (an empty KV cache, for one): so does δ
+    tensors = [t for t in tensors if not (value(t).dim() == 1 and value(t).numel() == 0)]
     changed = [t for t in tensors if isinstance(t, Node) and t in deltas]
     if any(deltas[t].perturbed for t in changed):
         return NotImplemented

@@ -34,10 +34,10 @@ METADATA_READS = {
     torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.is_contiguous,
     torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.__len__, torch.Tensor.data_ptr,
     torch.Tensor.get_device, torch.Tensor.nelement, torch.Tensor.ndimension, torch.Tensor.is_complex,
-    torch.Tensor.storage_offset,
+    torch.Tensor.storage_offset, torch._nested_tensor_from_mask_left_aligned,
 }
 METADATA_PROPERTIES = ("shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse",
-                       "is_quantized", "is_meta", "grad_fn", "is_leaf")
+                       "is_quantized", "is_meta", "grad_fn", "is_leaf", "is_nested")
 for _name in METADATA_PROPERTIES:
     if hasattr(torch.Tensor, _name):
         METADATA_READS.add(getattr(torch.Tensor, _name).__get__)
@@ -107,8 +107,8 @@ class Tape:
     def node_of(self, tensor: Any) -> Node | None:
         """The node whose base value is `tensor` (a model output or the loss), or None if it does not depend on
         the parameters."""
-        node = self._by_id.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-        return node if node is not None and node.value is tensor else None
+        entry = self._by_id.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        return entry[0] if entry is not None and entry[1] is tensor else None
 
     def clear(self) -> None:
         """Drops the cached activations (a tape lives for one step)."""
@@ -193,6 +193,13 @@ class _ModulePaths:
             handle.remove()
 
 
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (nested, meta): never aliased here
+        return -id(t)
+
+
 def _rng_state(device_type: str):
     return (torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == "cuda" else None)
 
@@ -210,13 +217,16 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.nodes: list[Node] = []
         self.params: dict[str, Node] = {}
-        self.by_id: dict[int, Node] = {}
+        # id(tensor) -> (node, tensor, its version when recorded): how a tensor the model passes back is recognized.
+        # Kept apart from node.value, which may be a copy saved before an in-place write.
+        self.by_id: dict[int, tuple[Node, torch.Tensor, int]] = {}
+        self.by_storage: dict[int, list[Node]] = {}  # storage address -> nodes whose cached value lives there
         self.blockers: list[str] = []
         self.paths = paths
         for name, p in params.items():
             node = self._new("param", name=name, value=p)
             self.params[name] = node
-            self.by_id[id(p)] = node
+            self._remember(p, node)
 
     def _new(self, kind: str, **fields) -> Node:
         node = Node(len(self.nodes), kind, **fields)
@@ -225,13 +235,18 @@ class Recorder(TorchFunctionMode):
         self.nodes.append(node)
         return node
 
+    def _remember(self, tensor: torch.Tensor, node: Node) -> None:
+        self.by_id[id(tensor)] = (node, tensor, tensor._version)
+        self.by_storage.setdefault(_storage(tensor), []).append(node)
+
     def _lookup(self, tensor: torch.Tensor, reader: str) -> Node | None:
-        node = self.by_id.get(id(tensor))
-        if node is None or node.value is not tensor:
+        entry = self.by_id.get(id(tensor))
+        if entry is None or entry[1] is not tensor:
             return None
-        if node.kind != "param" and tensor._version != node.version:
-            self.blockers.append(f"{node.describe()} was changed in place by an operation the engine does not see "
-                                 f"(an in-place op on a view?) before {reader} read it")
+        node, _, version = entry
+        if tensor._version != version:
+            self.blockers.append(f"{node.describe()} was changed in place (through a view of the same memory, or "
+                                 f"by an operation the engine does not see) before {reader} read it")
         return node
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -260,20 +275,20 @@ class Recorder(TorchFunctionMode):
         return out
 
     def _keep_value_before_write(self, func, args, kwargs) -> None:
-        """An in-place op is about to overwrite a recorded value: keep a copy for the nodes that read it before."""
+        """An in-place op is about to overwrite memory that recorded values live in (the target and any view of
+        it): keep copies for the nodes that read them before. A later read of another view of that memory is
+        caught by its version (_lookup)."""
         target = mutated_tensor(func, args, kwargs)
         if target is None:
             return
-        node = self.by_id.get(id(target))
-        if node is None or node.value is not target:
-            return
-        if node.kind == "param":
-            self.blockers.append(f"parameter {node.name} is written in place during the forward")
-            return
-        if target._base is not None:
-            self.blockers.append(f"{node.describe()} is a view written in place; its base would change too")
-        node.value = target.clone()
-        node.version = node.value._version
+        for node in self.by_storage.get(_storage(target), []):
+            if not isinstance(node.value, torch.Tensor) or _storage(node.value) != _storage(target):
+                continue
+            if node.kind == "param":
+                self.blockers.append(f"parameter {node.name} is written in place during the forward")
+                continue
+            node.value = node.value.clone()
+            node.version = node.value._version
 
     def _execute(self, node: Node, func, args, kwargs):
         if func in DROPOUT_FUNCTIONS:
@@ -296,7 +311,7 @@ class Recorder(TorchFunctionMode):
     def _map_outputs(self, node: Node, out) -> None:
         if isinstance(out, torch.Tensor):
             node.version = out._version
-            self.by_id[id(out)] = node
+            self._remember(out, node)
             return
         leaves, _ = tree_flatten(out)
         for i, leaf in enumerate(leaves):
@@ -304,18 +319,19 @@ class Recorder(TorchFunctionMode):
                 item = self._new("item", parent=node, item=i, value=leaf, where=node.where,
                                  name=f"{node.name}[{i}]")
                 node.users.append(item)
-                self.by_id[id(leaf)] = item
+                self._remember(leaf, item)
             elif isinstance(leaf, (int, float, bool)) and not isinstance(out, torch.Size):
                 self.blockers.append(f"{node.describe()} returns a Python number computed from parameter-dependent "
                                      "values")
 
     def final_check(self) -> None:
-        """Every recorded value must still be what it was when recorded."""
+        """Every cached value must still be what it was when recorded (a write the tape did not see would make
+        the rules read the wrong base values)."""
         for node in self.nodes:
             value = node.value
             if node.kind != "param" and isinstance(value, torch.Tensor) and value._version != node.version:
-                self.blockers.append(f"{node.describe()} was changed in place after it was recorded (an in-place op "
-                                     "on a view or inside an op the engine does not see)")
+                self.blockers.append(f"{node.describe()} was changed in place after it was recorded, by an operation "
+                                     "the engine does not see")
 
 
 def record(forward, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Tape:
@@ -330,7 +346,7 @@ def record(forward, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> 
     tape = Tape(recorder.nodes, recorder.params, outputs, _unique(recorder.blockers))
     tape.loss = loss
     tape.position = {n: i for i, n in enumerate(tape.nodes)}
-    tape._by_id = recorder.by_id
+    tape._by_id = {key: (node, tensor) for key, (node, tensor, _) in recorder.by_id.items()}
     return tape
 
 
