@@ -30,15 +30,15 @@ def grads():
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 zokernels.cge_step(model, (x, y), mu=5e-3, mask=mask, update_running_stats=False)
 fp32 = grads()
-original = rules.conv2d_channels_last
-def bf16_conv(t, module, with_bias=True):
-    out = F.conv2d(t.contiguous(memory_format=torch.channels_last).bfloat16(),
-                   module.weight.contiguous(memory_format=torch.channels_last).bfloat16(), None,
-                   module.stride, module.padding, module.dilation, module.groups).float()
-    return out + module.bias.view(1, -1, 1, 1) if (with_bias and module.bias is not None) else out
-rules.conv2d_channels_last = bf16_conv
+original = rules.conv_channels_last
+def bf16_conv(t, conv, weight, bias, geometry):
+    out = conv(t.contiguous(memory_format=torch.channels_last).bfloat16(),
+               weight.contiguous(memory_format=torch.channels_last).bfloat16(), None,
+               geometry["stride"], geometry["padding"], geometry["dilation"], geometry["groups"]).float()
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out
+rules.conv_channels_last = bf16_conv
 zokernels.cge_step(model, (x, y), mu=5e-3, mask=mask, update_running_stats=False)
-rules.conv2d_channels_last = original
+rules.conv_channels_last = original
 bf16 = grads()
 scale = max(oracle[n][mask[n]].abs().max().item() for n in mask if mask[n].any())
 print(f"coords {sum(int(m.sum()) for m in mask.values())}  max|g| {scale:.3g}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import append_csv_rows, run_metadata  # noqa: E402
@@ -82,22 +83,29 @@ def engine_rule_rows(model, x, y, indices, steps, device) -> list[dict]:
     """The engine's own path for the same coordinates: seed (unfold cache reused) + BN-train rule + ReLU rule,
     and its grouped conv at the next layer."""
     from zokernels.engine import delta as rules
-    from zokernels.engine.cge_engine import seed_delta
-
-    class Node:  # the two things seed_delta reads from an fx node
-        args = ("x",)
-    captured = type("Captured", (), {"values": {"x": x, Node: y}})()
-    bn_out, statistics, cache = model.bn1(y), rules.batch_statistics(y, model.bn1.eps), {}
+    from zokernels.engine.cge_engine import record_base
+    from zokernels.engine.heads import Head
+    from zokernels.engine.seeds import seed_delta
+    from zokernels.estimators.common import QueryGuard
+    named = dict(model.named_parameters())
+    batch = (x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+    with QueryGuard(model, list(named.values())) as guard:
+        _, rec = record_base(model, batch, Head(None, batch), None, guard, named)
+    param = rec.tape.params["conv1.weight"]
+    conv_node = param.users[0]
+    y = conv_node.value
+    bn_out, statistics = model.bn1(y), rules.batch_statistics(y, model.bn1.eps)
 
     def chain():
-        seed = seed_delta(captured, Node, model.conv1, "weight", indices, steps.double(), cache)
+        seed = seed_delta(conv_node, param, indices, steps.double(), rec.ctx)
         return rules.relu_delta(bn_out, rules.batchnorm_train_delta(y, seed, model.bn1.weight, statistics))
     first = chain()
     conv = model.layer1[0].conv1
+    geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
     return [{"op": "first_layer_delta conv1+bn+relu", "backend": "engine rules", "K": indices.numel(),
              "ms": timed(chain, device) * 1e3},
             {"op": "one_channel_conv2d layer1.0.conv1", "backend": "engine rules", "K": indices.numel(),
-             "ms": timed(lambda: rules.conv2d_delta(first, bn_out, conv), device) * 1e3}]
+             "ms": timed(lambda: rules.conv_delta(first, bn_out, F.conv2d, conv.weight, geometry), device) * 1e3}]
 
 
 def graph_rows(x, y, coords, steps, bn, weight2, device) -> list[dict]:

@@ -86,39 +86,41 @@ def sampled(indices: torch.Tensor, count: int, generator: torch.Generator) -> to
     return indices[torch.randperm(indices.numel(), generator=generator)[:count]]
 
 
-def warm_up(captured, head, named, mask, sites, last_use, base, budget, generator, kernel_backend=None):
+def warm_up(rec, named, mask, last_use, budget, generator):
     """One pass per parameter before timing, as every step after a run's first one finds them: oneDNN creates
     a convolution primitive per new batch shape (tens of ms), which extrapolating a 24-coordinate sample to
     thousands of coordinates would otherwise count a hundred times over."""
     for name, param in named:
         indices = torch.nonzero(mask[name].reshape(-1)).flatten()
-        k = cge_engine.replicas_per_pass(captured, sites[name][0], budget)
-        cge_engine._estimate_parameter(captured, head, sites[name], name, param, sampled(indices, k, generator),
-                                       5e-3, False, base, budget, last_use, kernel_backend)
+        users = rec.tape.params[name].users
+        if not users:
+            continue
+        k = cge_engine.replicas_per_pass(rec.tape, min(rec.tape.position[u] for u in users), budget)
+        cge_engine.estimate_parameter(rec, name, param, sampled(indices, k, generator), 5e-3, False, budget,
+                                      last_use)
 
 
 @torch.no_grad()
 def time_engine(model, batch, mask, sample, budget, generator, dense_mode="delta", kernel_backend=None):
     """Extrapolated engine step time and the estimates on the sampled coordinates. kernel_backend 'triton'/'cuda'
     makes the engine call the GPU kernels."""
-    captured = cge_engine.prepare(model, dense_mode)
-    head, named = Head("cross_entropy", batch), list(model.named_parameters())
+    head, named = Head(None, batch), list(model.named_parameters())
     guard = QueryGuard(model, [p for _, p in named])
     with guard, retained_heap():
         start = time.perf_counter()
-        base = cge_engine.engine_base(captured, batch, head, lambda b: (b[0],), guard)
+        _, rec = cge_engine.record_base(model, batch, head, None, guard, dict(named), dense_mode, kernel_backend)
         total = time.perf_counter() - start
-        sites, last_use = cge_engine.parameter_sites(captured), cge_engine._last_uses(captured)
-        warm_up(captured, head, named, mask, sites, last_use, base, budget, generator, kernel_backend)
+        last_use = cge_engine.last_uses(rec.tape, rec.final_nodes())
+        warm_up(rec, named, mask, last_use, budget, generator)
         samples, estimates = {}, {}
         for name, param in named:
             indices = torch.nonzero(mask[name].reshape(-1)).flatten()
             chosen = sampled(indices, sample, generator)
             start = time.perf_counter()
-            grad = cge_engine._estimate_parameter(captured, head, sites[name], name, param, chosen, 5e-3, False,
-                                                  base, budget, last_use, kernel_backend)
+            grad = cge_engine.estimate_parameter(rec, name, param, chosen, 5e-3, False, budget, last_use)
             total += (time.perf_counter() - start) * indices.numel() / max(1, chosen.numel())
             samples[name], estimates[name] = chosen, grad.reshape(-1)[chosen].double()
+        rec.close()
     return total, samples, estimates
 
 

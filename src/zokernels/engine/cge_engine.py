@@ -49,6 +49,10 @@ class Recording:
     output_nodes: list               # (leaf index, node) of model outputs that depend on parameters (black box)
     ctx: Context
 
+    def final_nodes(self) -> set:
+        """The nodes the estimate reads at the end: the loss, or the model outputs handed to a black box."""
+        return {n for _, n in self.output_nodes} | ({self.loss_node} if self.loss_node is not None else set())
+
     def close(self) -> None:
         self.tape.clear()
         self.ctx.derived.clear()
@@ -102,7 +106,8 @@ def realized_steps(param: torch.Tensor, indices: torch.Tensor, mu: float) -> tup
     return up.cpu(), down.cpu()
 
 
-def _last_uses(tape: Tape, keep: set) -> dict[Node, int]:
+def last_uses(tape: Tape, keep: set) -> dict[Node, int]:
+    """The position after which each node's delta can be freed (`keep`: never, e.g. the loss)."""
     position = tape.position
     last = {}
     for n in tape.nodes:
@@ -194,8 +199,7 @@ def engine_estimates(rec: Recording, mu: float, named, mask, scheme: str, max_me
     parameters that fell back to full evaluations. `naive_parameter(name, param, indices)` serves a parameter
     whose propagation failed (with a warning naming the node); with strict=True that failure raises instead."""
     budget = DEFAULT_MAX_MEMORY_BYTES if max_memory_bytes is None else max_memory_bytes
-    keep = {n for _, n in rec.output_nodes} | ({rec.loss_node} if rec.loss_node is not None else set())
-    last_use = _last_uses(rec.tape, keep)
+    last_use = last_uses(rec.tape, rec.final_nodes())
     fell_back: list[str] = []
 
     def estimate_one(name, param, indices):
