@@ -12,7 +12,7 @@ from .engine.cge_engine import DENSE_MODES, engine_estimates, record_base
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
 from .estimators.common import (LossFn, NonFiniteLossError, QueryGuard, StepResult, check_choice, check_mask,
-                                check_mu, default_loss, evaluate_loss, trainable_parameters)
+                                check_mu, check_step_batch, default_loss, evaluate_loss, trainable_parameters)
 from .kernels.dispatch import KERNEL_BACKENDS
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
 from .philox import _check_seed
@@ -90,6 +90,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     update_running_stats=False; the queries never do, dropout and other random ops draw the base evaluation's
     numbers in every query, and parameters are bit-identical afterwards even if the loss raises or returns NaN.
     """
+    check_step_batch(batch, custom_loss=loss_fn is not None)
     mu = check_mu(mu)
     check_choice("scheme", scheme, SCHEMES)
     check_choice("engine", engine, ENGINES)
@@ -166,6 +167,7 @@ def rge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     global generator and reports it in the result. dist: 'gaussian' (u = z, w = 1), 'sphere' (u = z/||z||,
     w = d), 'per_tensor_unit' (u = z/||z|| per tensor, and the DeepZero code's convention of no 1/μ).
     """
+    check_step_batch(batch, custom_loss=loss_fn is not None)
     loss_fn = loss_fn or default_loss
     mu = check_mu(mu)
     check_choice("dist", dist, DISTRIBUTIONS)

@@ -30,7 +30,7 @@ def check_batch(batch: Any) -> None:
         first = next(iter(batch.values()))
     elif isinstance(batch, (tuple, list)):
         if len(batch) == 0:
-            raise ValueError("batch is an empty tuple: expected (inputs, targets, ...)")
+            raise ValueError(f"batch is an empty {type(batch).__name__}: expected (inputs, targets, ...)")
         first = batch[0]
     else:
         first = batch

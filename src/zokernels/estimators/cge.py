@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import LossFn, QueryGuard, evaluate_loss
+from .common import LossFn, QueryGuard, coordinate_query, evaluate_loss
 
 
 def coordinate_indices(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -32,11 +32,11 @@ def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, ba
         original = flat[i].item()
         flat[i] = original + mu
         step_up = flat[i].item() - original
-        loss_up = _query(loss_fn, model, batch, guard, f"the +mu query of {name}[{i}]")
+        loss_up = _query(loss_fn, model, batch, guard, coordinate_query(name, i, "+"))
         if central:
             flat[i] = original - mu
             step_down = original - flat[i].item()
-            loss_down = _query(loss_fn, model, batch, guard, f"the -mu query of {name}[{i}]")
+            loss_down = _query(loss_fn, model, batch, guard, coordinate_query(name, i, "-"))
             estimate[i] = (loss_up - loss_down) / (step_up + step_down)
         else:
             estimate[i] = (loss_up - base_loss) / step_up

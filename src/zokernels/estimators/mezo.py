@@ -29,8 +29,8 @@ import torch
 
 from .. import backends, philox
 from ..philox import _check_seed
-from .common import LossFn, StepResult, check_choice, check_mu, default_loss, evaluate_loss, strict_fp32, \
-    trainable_parameters
+from .common import (RESTORED, LossFn, StepResult, check_choice, check_mu, check_step_batch, default_loss,
+                     direction_query, evaluate_loss, strict_fp32, trainable_parameters)
 
 MODES = ("exact", "inplace")
 PRESET_FILTERS = ("all", "bias", "norm", "bias_norm")
@@ -133,14 +133,21 @@ class Perturbation:
         philox.add_normal_combination_(self.params, self.offsets, seed, terms, None, self.backend)
 
 
+INPLACE_RESTORED = ("parameters were restored up to rounding (mode='inplace'; mode='exact' restores them "
+                    "bit-identically) and buffers exactly")
+
+
 class QueryContext:
     """Common random numbers for all queries of a step (dropout draws the same masks), strict fp32, and buffers
-    (e.g. BN running statistics) restored after every query so queries have no side effects."""
+    (e.g. BN running statistics) restored after every query so queries have no side effects. `restored`: what a
+    failing query's error says was restored (the error contract of estimators/common.py)."""
 
-    def __init__(self, model: torch.nn.Module, generator_devices: list[torch.device]):
+    def __init__(self, model: torch.nn.Module, generator_devices: list[torch.device], restored: str = RESTORED):
         self.model = model
         self.forward_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.devices = [d for d in generator_devices if d.type == "cuda"]
+        self.restored = restored
+        self.evaluated = False  # no evaluation of this step has succeeded yet
 
     def __enter__(self) -> "QueryContext":
         self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
@@ -152,7 +159,10 @@ class QueryContext:
         try:
             with torch.random.fork_rng(devices=self.devices):
                 torch.manual_seed(self.forward_seed)
-                return evaluate_loss(loss_fn, self.model, batch, label)
+                value = evaluate_loss(loss_fn, self.model, batch, label, first=not self.evaluated,
+                                      restored=self.restored)
+                self.evaluated = True
+                return value
         finally:
             with torch.no_grad():
                 for b, saved in self.buffers:
@@ -164,13 +174,15 @@ class QueryContext:
 
 def central_difference_exact(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batches: list[Any],
                              center: list[torch.Tensor], seed: int, stream: int, mu: float,
-                             label: str) -> tuple[float, float]:
-    """Mean losses over `batches` at center ± μz(seed, stream); the parameters are swapped, never written."""
+                             where: str = "") -> tuple[float, float]:
+    """Mean losses over `batches` at center ± μz(seed, stream); the parameters are swapped, never written.
+    `where` completes the query's name in errors (e.g. ' at the anchor θ̄')."""
     pert.write_points(center, seed, stream, mu)
     losses = []
     for sign, point in (("+", pert.plus), ("-", pert.minus)):
         with pert.swapped(point):
-            values = [ctx.loss(loss_fn, b, f"{label} at θ{sign}μz (seed {seed}, stream {stream})") for b in batches]
+            values = [ctx.loss(loss_fn, b, direction_query(stream, seed, sign, where + (
+                f", batch {i} of {len(batches)}" if len(batches) > 1 else ""))) for i, b in enumerate(batches)]
         losses.append(sum(values) / len(values))
     return losses[0], losses[1]
 
@@ -185,10 +197,10 @@ def _inplace_directions(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, 
         for j in range(q):
             pert.sweep(seed, [(stream, coeff) for stream, coeff in pending] + [(j, mu)])
             pending = [(j, -mu)]
-            plus = ctx.loss(loss_fn, batch, f"MeZO query θ+μz (seed {seed}, stream {j})")
+            plus = ctx.loss(loss_fn, batch, direction_query(j, seed, "+"))
             pert.sweep(seed, [(j, -2.0 * mu)])
             pending = [(j, mu)]
-            minus = ctx.loss(loss_fn, batch, f"MeZO query θ-μz (seed {seed}, stream {j})")
+            minus = ctx.loss(loss_fn, batch, direction_query(j, seed, "-"))
             grads.append((plus - minus) / (2.0 * mu))
             pairs.append((plus, minus))
     except BaseException:
@@ -222,16 +234,17 @@ def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None,
     'inplace' (MeZO's memory); see the module docstring for the rounding each gives. Both queries of a direction
     see the same dropout randomness; buffers are left as they were. `seed=None` draws one (reported).
     """
+    check_step_batch(batch, custom_loss=loss_fn is not None)
     loss_fn = loss_fn or default_loss
     mu, lr, q, seed = _check_step_args(mu, lr, q, mode, seed)
     named = select_parameters(model, param_filter)
     pert = Perturbation(model, named, backend, scratch=mode == "exact")
-    with QueryContext(model, [pert.params[0].device]) as ctx:
+    restored = RESTORED if mode == "exact" else INPLACE_RESTORED
+    with QueryContext(model, [pert.params[0].device], restored) as ctx:
         if mode == "exact":
             grads, pairs = [], []
             for j in range(q):
-                plus, minus = central_difference_exact(ctx, pert, loss_fn, [batch], pert.params, seed, j, mu,
-                                                       "MeZO query")
+                plus, minus = central_difference_exact(ctx, pert, loss_fn, [batch], pert.params, seed, j, mu)
                 grads.append((plus - minus) / (2.0 * mu))
                 pairs.append((plus, minus))
             terms = mezo_update_terms(grads, lr)

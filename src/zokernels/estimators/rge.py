@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import philox
-from .common import LossFn, QueryGuard, evaluate_loss
+from .common import LossFn, QueryGuard, direction_query, evaluate_loss
 
 DISTRIBUTIONS = ("gaussian", "sphere", "per_tensor_unit")
 
@@ -43,7 +43,7 @@ def rge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float,
         with torch.no_grad():
             philox.add_normal_combination_(params, offsets, seed, [(j, mu)], scales, backend)
         with guard.same_randomness():
-            loss = evaluate_loss(loss_fn, model, batch, f"RGE query {j} (seed {seed})")
+            loss = evaluate_loss(loss_fn, model, batch, direction_query(j, seed))
         guard.restore_parameters()
         terms.append((j, weight * (loss - base_loss) / q))
         all_scales.append(scales)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .common import LossFn, StepResult, check_mu, default_loss
+from .common import LossFn, StepResult, check_mu, check_step_batch, default_loss
 from .mezo import (ParamFilter, Perturbation, QueryContext, central_difference_exact, check_lr, check_positive_int,
                    select_parameters)
 from ..philox import _check_seed
@@ -51,7 +51,10 @@ class ZOSVRG:
                             f"{type(anchor_batches).__name__}; wrap a single batch as [batch]")
         if not anchor_batches:
             raise ValueError("anchor_batches must hold at least one batch")
+        for anchor_batch in anchor_batches:
+            check_step_batch(anchor_batch, custom_loss=loss_fn is not None)
         self.model, self.anchor_batches = model, anchor_batches
+        self.custom_loss = loss_fn is not None
         self.loss_fn = loss_fn or default_loss
         self.q = check_positive_int("q", q)
         self.lr_anchor, self.lr = check_lr("lr_anchor", lr_anchor), check_lr("lr", lr)
@@ -64,6 +67,9 @@ class ZOSVRG:
 
     @torch.no_grad()
     def step(self, batch: Any) -> SVRGResult:
+        """One iteration; `batch` is the minibatch (unused on anchor steps, which read `anchor_batches`)."""
+        if self.t % self.q != 0:
+            check_step_batch(batch, self.custom_loss)
         with QueryContext(self.model, [self.pert.params[0].device]) as ctx:
             if self.t % self.q == 0:
                 result = self._anchor_step(ctx)
@@ -75,7 +81,7 @@ class ZOSVRG:
     def _anchor_step(self, ctx: QueryContext) -> SVRGResult:
         pert, stream = self.pert, self.t
         plus, minus = central_difference_exact(ctx, pert, self.loss_fn, self.anchor_batches, pert.params, self.seed,
-                                               stream, self.mu, "MeZO-SVRG full-batch query")
+                                               stream, self.mu, " on the full batch (anchor step)")
         g = (plus - minus) / (2.0 * self.mu)
         for a, p in zip(self.anchor, pert.params):
             a.copy_(p)
@@ -88,9 +94,9 @@ class ZOSVRG:
     def _minibatch_step(self, ctx: QueryContext, batch: Any) -> SVRGResult:
         pert, stream = self.pert, self.t
         plus, minus = central_difference_exact(ctx, pert, self.loss_fn, [batch], pert.params, self.seed, stream,
-                                               self.mu, "MeZO-SVRG minibatch query at θ")
+                                               self.mu, " at θ (minibatch step)")
         plus_bar, minus_bar = central_difference_exact(ctx, pert, self.loss_fn, [batch], self.anchor, self.seed,
-                                                       stream, self.mu, "MeZO-SVRG minibatch query at θ̄")
+                                                       stream, self.mu, " at the anchor θ̄ (minibatch step)")
         difference = ((plus - minus) - (plus_bar - minus_bar)) / (2.0 * self.mu)
         if self.lr != 0.0:
             pert.sweep(self.seed, [(stream, -self.lr * difference),
