@@ -144,7 +144,7 @@ def loss_changes(rec: Recording, param_node: Node, indices: torch.Tensor, steps:
                 deltas[param_node] = dense_parameter_delta(param_node.value.detach(), indices, steps)
             try:
                 changed = node_delta(node, ctx, deltas)
-            except (PropagationError, RuntimeError, TypeError, ValueError, IndexError) as error:
+            except Exception as error:  # a rule's bug must not cost the user the step: that parameter goes naive
                 raise PropagationError(f"{node.describe()}: {type(error).__name__}: {error}") from error
             if changed is not None:
                 deltas[node] = changed

@@ -100,21 +100,29 @@ def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | 
     first_spatial = 2 if delta.channels is not None else 3
     reduce = (1,) + tuple(range(first_spatial, delta.values.dim()))  # over B and spatial, per replica, channel
     centered_base, root_base = statistics
-    centered = base_like(centered_base, delta)
-    d_mean = delta.values.mean(dim=reduce, keepdim=True)
-    cross = (centered * delta.values).mean(dim=reduce, keepdim=True)
-    spread = delta.values.square().mean(dim=reduce, keepdim=True) - d_mean.square()
+    gamma = None if weight is None else per_channel(weight, delta, x)
+    out = normalization_delta(delta.values, base_like(centered_base, delta), per_channel(root_base, delta, x),
+                              reduce, gamma)
+    return Delta(out, delta.channels)
+
+
+def normalization_delta(d: torch.Tensor, centered: torch.Tensor, root: torch.Tensor, reduce: tuple,
+                        gamma: torch.Tensor | None) -> torch.Tensor:
+    """The change of (x − mean)/sqrt(var + eps)·γ over the axes `reduce` of δ (per replica: axis 0 is never
+    reduced) when x changes by d, from d directly (the closed form of batchnorm_train_delta). `centered` and `root`
+    (x − mean, sqrt(var + eps)) broadcast against d."""
+    d_mean = d.mean(dim=reduce, keepdim=True)
+    cross = (centered * d).mean(dim=reduce, keepdim=True)
+    spread = d.square().mean(dim=reduce, keepdim=True) - d_mean.square()
     d_var = 2 * cross + spread.clamp(min=0)
-    root = per_channel(root_base, delta, x)
     new_root = torch.sqrt(root.square() + d_var)
     a, b, e = 1 / new_root, -d_var / (root * new_root * (root + new_root)), -d_mean / new_root
-    if weight is not None:
-        gamma = per_channel(weight, delta, x)
+    if gamma is not None:
         a, b, e = a * gamma, b * gamma, e * gamma
-    out = delta.values * a
+    out = d * a
     out.addcmul_(centered, b)
     out.add_(e)
-    return Delta(out, delta.channels)
+    return out
 
 
 def conv_delta(delta: Delta, x: torch.Tensor, conv, weight: torch.Tensor, geometry: dict) -> Delta:

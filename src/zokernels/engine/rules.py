@@ -212,6 +212,50 @@ class _BatchNormView:
     eps: float
 
 
+@rule("layer_norm", describe="exact: per-sample statistics formed from δ (the BN closed form over the normalized "
+                             "axes)")
+def _layer_norm(node, ctx, deltas):
+    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed:
+        return NotImplemented
+    a = arguments(node, ("input", "normalized_shape", "weight", "bias", "eps"))
+    x, d = first(node, deltas)
+    n = len(a["normalized_shape"])
+    dims = tuple(range(x.dim() - n, x.dim()))
+    eps = a.get("eps", 1e-5)
+
+    def statistics():
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        return x - mean, torch.sqrt(var + eps)
+    centered, root = ctx.cached(node, "layer_statistics", statistics)
+    weight = value(a.get("weight"))
+    out = math.normalization_delta(d.dense(x), centered.unsqueeze(0), root.unsqueeze(0),
+                                   tuple(i + 1 for i in dims), weight)
+    return Delta(out)
+
+
+@rule("group_norm", describe="exact: per-sample, per-group statistics formed from δ (the BN closed form)")
+def _group_norm(node, ctx, deltas):
+    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed:
+        return NotImplemented
+    a = arguments(node, ("input", "num_groups", "weight", "bias", "eps"))
+    x, d = first(node, deltas)
+    groups, eps = a["num_groups"], a.get("eps", 1e-5)
+    grouped = (x.shape[0], groups, -1)
+
+    def statistics():
+        flat = x.reshape(grouped)
+        var, mean = torch.var_mean(flat, dim=2, correction=0, keepdim=True)
+        return flat - mean, torch.sqrt(var + eps)
+    centered, root = ctx.cached(node, "group_statistics", statistics)
+    k = d.replicas
+    out = math.normalization_delta(d.dense(x).reshape(k, *grouped), centered.unsqueeze(0), root.unsqueeze(0),
+                                   (3,), None).reshape(k, *x.shape)
+    weight = value(a.get("weight"))
+    if weight is not None:
+        out = out * weight.view(1, 1, -1, *([1] * (x.dim() - 2)))
+    return Delta(out)
+
+
 # ---- mixing ops -------------------------------------------------------------------------------------------------
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
