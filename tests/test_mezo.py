@@ -311,3 +311,52 @@ def test_inplace_failure_restores_within_ulp_bound(dtype, failing_query):
         assert torch.all(err <= bound * (1 + 1e-12)), (dtype, i, (err / bound).max())
         moved = moved or bool((tr != t0).any())
     assert moved  # in-place restore is not exact (the point of mode="exact"): the bound is what is promised
+
+
+# ---- update=False: the estimate into .grad, like cge_step and rge_step ---------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_update_false_writes_the_spsa_estimate_and_leaves_parameters_bit_identical(dtype):
+    model, (x, y) = small_mlp(dtype), data(dtype)
+    model[0].bias.requires_grad_(False)  # not trainable: never selected, .grad never written
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])  # noqa: E731
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = mezo_step(model, (x, y), loss_fn, mu=1e-2, lr=0.05, seed=123, q=3, update=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    params = [p for p in model.parameters() if p.requires_grad]
+    offsets = philox.stream_offsets(params)
+    for p, offset in zip(params, offsets):
+        # ĝ = (1/q) Σ_j g_j z_j, the combination formed in float32 as the reference twin writes it out
+        terms = [(j, g / 3) for j, g in enumerate(result.projected_grads)]
+        zero = torch.zeros(p.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(p.grad, add_combination_ref(zero, offset, 123, terms, cpu_sampler).to(dtype))
+    assert model[0].bias.grad is None
+    # accumulate adds the same estimate again
+    first = [p.grad.clone() for p in params]
+    mezo_step(model, (x, y), loss_fn, mu=1e-2, seed=123, q=3, update=False, accumulate=True)
+    for p, g in zip(params, first):
+        assert torch.equal(p.grad, g + g)
+
+
+def test_update_false_then_sgd_is_the_mezo_step_up_to_rounding():
+    model, batch = small_mlp(), data()
+    twin = copy.deepcopy(model)
+    lr, q = 0.05, 3
+    result = mezo_step(model, batch, mu=1e-2, lr=lr, seed=9, q=q, update=False)
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    mezo_step(twin, batch, mu=1e-2, lr=lr, seed=9, q=q)
+    offsets = philox.stream_offsets(list(twin.parameters()))
+    for a, b, offset in zip(model.parameters(), twin.parameters(), offsets):
+        z = [philox.philox_normal(b.numel(), 9, j, offset).view_as(b).double() for j in range(q)]
+        scale = b.detach().double().abs() + lr * sum(abs(g) * zj.abs() for g, zj in zip(result.projected_grads, z)) / q
+        # each path forms the combination with ≤ q + 1 float32 roundings and adds it to θ with ≤ 2 more
+        bound = 2 * (q + 3) * 2.0 ** -24 * scale
+        assert torch.all((a.detach().double() - b.detach().double()).abs() <= bound)
+
+
+def test_update_argument_errors():
+    with pytest.raises(ValueError, match="mode='exact'"):
+        mezo_step(small_mlp(), data(), update=False, mode="inplace")
+    with pytest.raises(ValueError, match="accumulate"):
+        mezo_step(small_mlp(), data(), accumulate=True)
+    with pytest.raises(TypeError, match="update must be a bool"):
+        mezo_step(small_mlp(), data(), update=0)

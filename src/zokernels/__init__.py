@@ -1,6 +1,10 @@
 """zokernels: zeroth-order optimization engine for deep learning (DeepZero CGE, RGE, MeZO / MeZO-SVRG).
 
-Estimators write into `param.grad`, so any torch.optim optimizer performs the update:
+cge_step, rge_step and mezo_step(..., update=False) write a gradient estimate into `.grad` and leave the
+parameters bit-identical, so any torch.optim optimizer performs the update; mezo_step (update=True, the default)
+and ZOSVRG.step update the parameters themselves, as MeZO does, and leave `.grad` alone. A verb that raises
+leaves parameters and buffers as they were (mezo_step mode='inplace': parameters up to rounding); its error names
+the failing query (see estimators/common.py).
 
     result = zokernels.cge_step(model, (x, y), mu=5e-3)
     optimizer.step()

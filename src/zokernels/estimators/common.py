@@ -132,6 +132,18 @@ default_loss.zokernels_source = "the default loss"
 default_loss.zokernels_owned = True  # zokernels calls the model: a RuntimeError in the first evaluation is the batch's
 
 
+def write_grads(params: list[torch.Tensor], estimates: list[torch.Tensor], accumulate: bool) -> None:
+    """Writes (or with accumulate adds) each estimate into its parameter's `.grad`, in the parameter's dtype."""
+    for p, g in zip(params, estimates):
+        g = g.to(device=p.device, dtype=p.dtype)
+        if p.grad is None:
+            p.grad = g.clone() if accumulate else g
+        elif accumulate:
+            p.grad.add_(g)
+        else:
+            p.grad.copy_(g)
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

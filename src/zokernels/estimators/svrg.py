@@ -35,7 +35,8 @@ class SVRGResult(StepResult):
 
 
 class ZOSVRG:
-    """Optimizer-like MeZO-SVRG: `opt.step(batch)` performs one iteration of Algorithm 1.
+    """Optimizer-like MeZO-SVRG: `opt.step(batch)` performs one iteration of Algorithm 1, updating the selected
+    parameters itself (like mezo_step's default update=True; `.grad` is not used).
 
     anchor_batches: a list of batches whose mean loss is the full-batch loss (one element for a single batch).
     q: anchor period; lr_anchor: η1; lr: η2; mu: perturbation scale. `lr` and `lr_anchor` may be changed between
