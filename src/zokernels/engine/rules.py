@@ -31,6 +31,8 @@ class Context:
     derived: dict
     dense_mode: str = "delta"
     kernel_backend: str | None = None
+    # the GPU kernel for a conv on a one-channel δ (engine/fusion.py), set when kernel_backend is
+    one_channel_conv: Callable | None = None
 
     def cached(self, node: Node, key: str, compute: Callable):
         slot = (node, key)
@@ -277,9 +279,8 @@ def _conv(node, ctx, deltas):
         out = math.per_sample_apply(lambda t: math.conv_channels_last(t, node.func, weight, value(
             arguments(node, CONV_ARGS).get("bias")), geometry), d.values)
         return Delta(out, perturbed=True)
-    if ctx.kernel_backend is not None and d.channels is not None and node.func is F.conv2d:
-        from .fusion import one_channel_conv2d_delta  # fusion reads this registry: imported when used
-        mixed = one_channel_conv2d_delta(d, weight, geometry, ctx.kernel_backend)
+    if ctx.one_channel_conv is not None and d.channels is not None and node.func is F.conv2d:
+        mixed = ctx.one_channel_conv(d, weight, geometry, ctx.kernel_backend)
         if mixed is not None:
             return mixed
     out = math.conv_delta(d, x, node.func, weight, geometry)
