@@ -129,7 +129,14 @@ def conv_delta(delta: Delta, x: torch.Tensor, conv, weight: torch.Tensor, geomet
     """δy = conv(δx, W) (no bias), `conv` one of F.conv1d/2d/3d. A one-channel δx with groups == 1 costs 1/C_in of
     a dense conv: a grouped conv with each replica's weight slice W[:, c_k]."""
     k, batch = delta.replicas, x.shape[0]
-    if delta.channels is None or geometry["groups"] != 1:
+    groups = geometry["groups"]
+    if delta.channels is not None and groups == x.shape[1] == weight.shape[0] and groups > 1:
+        # depthwise: output channel c reads input channel c alone, so δ stays in one channel
+        kernels = weight.index_select(0, delta.channels)  # [K, 1, *kernel]
+        out = conv(delta.values.transpose(0, 1), kernels, None, geometry["stride"], geometry["padding"],
+                   geometry["dilation"], k)
+        return Delta(out.transpose(0, 1), delta.channels)
+    if delta.channels is None or groups != 1:
         out = conv_channels_last(delta.dense(x).reshape(k * batch, *x.shape[1:]), conv, weight, None, geometry)
         return Delta(out.view(k, batch, *out.shape[1:]))
     slices = weight.index_select(1, delta.channels).transpose(0, 1)  # [K, C_out, *kernel]
