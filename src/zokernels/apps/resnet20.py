@@ -19,7 +19,6 @@ step, steps) and the cost of the run is printed before training and measured aft
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -96,9 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--plot", action="store_true", help="write <out>/curves.png from the CSV logs")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     add("--progress-chunk", type=int, default=512,
-        help="about this many CGE coordinates per progress update within a step: a step with more coordinates "
-             "is estimated in chunks (the same estimate, one extra base forward per chunk) so that long steps "
-             "show progress")
+        help="at most this many CGE coordinates per progress update within a step (the first updates come "
+             "sooner): a step with more coordinates is estimated in chunks (the same estimate, one extra base "
+             "forward per chunk) so that long steps show progress")
     add("--quiet", action="store_true", help="no progress bars")
 
 
@@ -124,15 +123,18 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def coordinate_chunks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None,
                       size: int) -> list[dict[str, torch.Tensor]]:
-    """The step's coordinates as masks of about `size` coordinates each: whole parameters grouped in parameter
-    order, and a parameter with more than `size` coordinates split into ceil(n / size) nearly equal pieces (each
-    more than size / 2).
+    """The step's coordinates as masks for a progress bar: whole parameters grouped in parameter order into chunks
+    of at most `size` coordinates, the first chunks smaller (at most size/8, size/4, size/2: a long step shows its
+    rate early); a parameter with more coordinates than its chunk is split into pieces of at least half a chunk
+    (so at least size / 16). Depends only on the mask and `size`: a run and its resume chunk alike.
 
-    Why not exact slices of `size`: the engine runs a parameter's coordinates in passes of K replicas (padded, so
-    an estimate does not depend on its pass neighbours), but a parameter with fewer than K selected coordinates
-    runs in one unpadded pass of that many, and a pass of another width can round differently in the last bit.
-    Whole parameters keep their width; pieces of more than size / 2 keep it whenever K <= size / 2 (K is at most
-    16 for ResNet-20 at batch 256, 32x32), so the chunks add up to the one-call estimate bit for bit."""
+    Why not exact slices: the engine runs a parameter's coordinates in passes of K replicas (padded, so an
+    estimate does not depend on its pass neighbours), but a parameter with fewer than K selected coordinates runs
+    in one unpadded pass of that many, and a pass of another width can round differently in the last bit. Whole
+    parameters keep their width, and so do pieces of at least K coordinates: with K <= size / 16 (ResNet-20 at
+    batch 256, 32x32 has K <= 16) the chunks add up to the one-call estimate bit for bit. With a larger K (small
+    activations: small images or batches) a split parameter's estimates can differ from one call's in the last
+    bit, the same way in every run."""
     params = dict(model.named_parameters())
 
     def mask_of(name: str, index: torch.Tensor) -> torch.Tensor:
@@ -140,17 +142,26 @@ def coordinate_chunks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | N
         flat[index] = True
         return flat.view(params[name].shape).to(params[name].device)
 
+    def limit() -> int:  # size/8, size/4, size/2, then size
+        return max(1, size >> max(0, 3 - len(chunks)))
+
     chunks: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
     count = 0
     for name, index in distributed.selected_coordinates(model, masks):
         if len(index) == 0:
             continue
-        if count and count + len(index) > size:
+        if count and count + len(index) > limit():
             chunks.append(current)
             current, count = {}, 0
-        if len(index) > size:
-            chunks.extend({name: mask_of(name, piece)} for piece in index.tensor_split(math.ceil(len(index) / size)))
+        if len(index) > limit():
+            rest = index
+            while len(rest):
+                # a full chunk, unless that would leave less than half of one: then two halves
+                n = len(rest) if len(rest) <= limit() else (
+                    len(rest) // 2 if len(rest) < limit() + limit() // 2 else limit())
+                chunks.append({name: mask_of(name, rest[:n])})
+                rest = rest[n:]
             continue
         current[name] = mask_of(name, index)
         count += len(index)
@@ -164,6 +175,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, log=print, is_main: bool = True):
         self.args, self.log, self.is_main = args, log, is_main
+        self.chunk_reported = False
         self.data, self.data_name = setup.load_data(args)
         self.augment = args.augment if args.augment is not None else self.data_name == "cifar10"
         # Checked before the ratios are computed (ZO-GraSP can take long and writes a cache file).
@@ -210,19 +222,28 @@ class Trainer:
 
     def _cge(self, batch) -> float:
         """CGE on the mask; with more than --progress-chunk coordinates, chunk by chunk with a progress bar (the
-        same estimate: see coordinate_chunks). BN running statistics move once (first chunk only), as in one
-        step; each chunk costs one more base forward."""
-        chunks = coordinate_chunks(self.model, self.masks, self.args.progress_chunk)
-        if len(chunks) <= 1:
+        same estimate, see coordinate_chunks for the last bit). BN running statistics move once (first chunk
+        only), as in one step; each chunk costs one more base forward."""
+        if self.coordinates_per_step() <= self.args.progress_chunk:
             return api.cge_step(self.model, batch, mu=self.args.mu, mask=self.masks).loss
-        loss = None
-        with tqdm(total=sum(int(m.sum()) for c in chunks for m in c.values()), desc=f"step {self.global_step + 1}",
-                  unit="coord", leave=False, disable=self.args.quiet or not self.is_main, file=sys.stderr) as bar:
+        chunks = coordinate_chunks(self.model, self.masks, self.args.progress_chunk)
+        loss, total = None, sum(int(m.sum()) for c in chunks for m in c.values())
+        with tqdm(total=total, desc=f"step {self.global_step + 1}", unit="coord", leave=False,
+                  disable=self.args.quiet or not self.is_main, file=sys.stderr) as bar:
             for i, chunk in enumerate(chunks):
+                start = time.perf_counter()
                 result = api.cge_step(self.model, batch, mu=self.args.mu, mask=chunk, accumulate=i > 0,
                                       update_running_stats=i == 0)
                 loss = result.loss if loss is None else loss
                 bar.update(result.num_coordinates)
+                if i == 0 and not self.chunk_reported and self.is_main:
+                    # A long step's first forecast comes after its first chunk, not after the whole step.
+                    self.chunk_reported = True
+                    seconds = time.perf_counter() - start
+                    tqdm.write(f"measured: the first {result.num_coordinates} coordinates of step "
+                               f"{self.global_step + 1} took {duration(seconds)} (with tracing the model); this "
+                               f"step projected ~{duration(seconds * total / result.num_coordinates)} (rough: "
+                               f"layers differ in cost per coordinate)")
         return loss
 
     def _gradient(self, batch) -> float:
@@ -298,7 +319,7 @@ def _print_cost(trainer: Trainer, args: argparse.Namespace, steps: int, log) -> 
         weights = sum(sparsity.kept_counts(trainer.model, trainer.ratios).values())
         what = f"{weights:,} sampled Conv/Linear weights + {coordinates - weights:,} BN/bias coordinates"
     log(f"cost: {coordinates:,} CGE coordinates per step ({what}) = {coordinates + 1:,} loss queries of {batch}; "
-        f"{steps} steps = {steps * (coordinates + 1):,} queries", flush=True)
+        f"{steps} step{'s' if steps != 1 else ''} = {steps * (coordinates + 1):,} queries", flush=True)
 
 
 def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_log: CsvLog, is_main: bool) -> None:
