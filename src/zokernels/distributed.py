@@ -167,3 +167,284 @@ class CoordinateSharder:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---- data-parallel ZO -------------------------------------------------------------------------------------------
+# Every rank holds the same parameters and evaluates the loss on its own shard of the batch. A ZO step needs only
+# loss values, so the ranks exchange one (samples, loss, failed) triple per query (all_gather, float64) and every
+# rank forms the same global loss Σ_r n_r ℓ_r / Σ_r n_r, summed in rank order in Python float64 arithmetic: the same
+# operations on the same numbers on every rank, hence the same bits. With the same Philox seed, every rank then
+# regenerates the same directions and applies the same update sweeps, so the parameters stay bit-identical without
+# ever being communicated; `check_replicas` verifies it.
+#
+# What equals one process bit for bit: a single process that evaluates the ranks' shards one after another, each
+# as its own forward (loss_fn = SequentialShardLoss), and combines them with the same formula, gets the identical
+# projected gradients and parameters (tests/test_torchrun.py) — the forwards see the same shard shapes, so the same
+# kernels produce the same per-shard losses. One forward over the whole batch is the same objective mathematically
+# (for equal shards and per-sample-mean losses) but not the same bits: a forward over 2B samples sums in another order.
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (dict values, tuple items or the tensor); a
+    list of dict batches (micro-batches) counts all of them."""
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(b, dict) or hasattr(b, "keys") for b in batch):
+        return sum(_batch_size(b) for b in batch)
+    items = list(batch.values()) if isinstance(batch, dict) or hasattr(batch, "keys") else \
+        list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.dim() > 0:
+            return int(item.shape[0])
+    raise ValueError("cannot count the samples of this batch (no tensor with a leading batch dimension); pass "
+                     "samples=callable(batch) -> int")
+
+
+def combine_losses(samples: list[float], losses: list[float]) -> float:
+    """Σ_r n_r ℓ_r / Σ_r n_r in rank order, in Python float64: the global loss every rank (and the single-process
+    reference) computes from the same numbers."""
+    total, count = 0.0, 0.0
+    for n, value in zip(samples, losses):
+        total += n * value
+        count += n
+    return total / count
+
+
+class ShardedLoss:
+    """A loss_fn for any verb (mezo_step, rge_step, cge_step, ZOSVRG): evaluates `loss_fn(model, shard)` on this
+    rank's shard and returns the global loss over all ranks' shards (a float64 scalar, identical on every rank).
+
+    Only three float64 numbers per rank cross the process group per evaluation. A rank whose loss raises still takes
+    part in the exchange (with a failure flag), so no rank waits forever: the failing rank re-raises its own error,
+    the others raise a RuntimeError naming it."""
+
+    def __init__(self, loss_fn: LossFn | None = None, group: Any = None, samples: Any = None):
+        from .estimators.common import default_loss, loss_source
+        self.inner = loss_fn or default_loss
+        self.group = group
+        self.samples = samples or _batch_size
+        self.zokernels_source = f"{loss_source(self.inner)} (all-gathered over the ranks)"
+        self.zokernels_owned = getattr(self.inner, "zokernels_owned", False)
+        self.evaluations = 0
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        error, value, count = None, float("nan"), 0.0
+        try:
+            count = float(self.samples(batch))
+            out = self.inner(model, batch)
+            value = float(out.detach().double().item() if isinstance(out, torch.Tensor) else out)
+        except Exception as caught:  # keep the collective going; re-raised below
+            error = caught
+        mine = torch.tensor([count, value, 1.0 if error is not None else 0.0], dtype=torch.float64)
+        world = dist.get_world_size(self.group)
+        device = _collective_device(self.group)
+        gathered = [torch.empty(3, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(gathered, mine.to(device), group=self.group)
+        rows = [g.cpu().tolist() for g in gathered]
+        self.evaluations += 1
+        if error is not None:
+            raise error
+        failed = [r for r, row in enumerate(rows) if row[2] != 0.0]
+        if failed:
+            raise RuntimeError(f"the loss raised on rank(s) {failed} (see their error); this rank's shard evaluated")
+        return torch.tensor(combine_losses([row[0] for row in rows], [row[1] for row in rows]), dtype=torch.float64)
+
+
+class SequentialShardLoss:
+    """The single-process twin of ShardedLoss: `batch` is the list of the ranks' shards, evaluated one after
+    another and combined by `combine_losses` — what a data-parallel run computes, bit for bit. Every shard's
+    forward starts from the RNG state the call started from, as each rank's does (dropout draws what rank r's
+    forward draws)."""
+
+    def __init__(self, loss_fn: LossFn | None = None, samples: Any = None):
+        from .estimators.common import default_loss, loss_source
+        self.inner = loss_fn or default_loss
+        self.samples = samples or _batch_size
+        self.zokernels_source = f"{loss_source(self.inner)} (over the shards in sequence)"
+
+    def __call__(self, model: torch.nn.Module, shards: list[Any]) -> torch.Tensor:
+        values = []
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        start = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+        for shard in shards:
+            torch.set_rng_state(start[0])
+            if cuda:
+                torch.cuda.set_rng_state_all(start[1])
+            out = self.inner(model, shard)
+            values.append(float(out.detach().double().item() if isinstance(out, torch.Tensor) else out))
+        return torch.tensor(combine_losses([float(self.samples(s)) for s in shards], values), dtype=torch.float64)
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """NCCL exchanges CUDA tensors only; gloo CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
+    """This rank's contiguous share of a global batch (every tensor with the batch's leading dimension is split by
+    torch.tensor_split, so shard sizes differ by at most one sample); for ranks loading the same global batch."""
+    n = _batch_size(batch)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return torch.tensor_split(value, world_size)[rank]
+        return value
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
+_FINGERPRINT_CHUNK = 1 << 22
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers (so NaN payloads and -0.0 compare as bits, not values)."""
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(_INT_VIEW[flat.element_size()]) if flat.is_floating_point() else flat
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """A 64-bit checksum of a tensor's bits: Σ_i bits_i · (2i + 1) mod 2^64 (odd weights: any change of one entry,
+    or of a few entries that do not cancel exactly, changes it). Computed where the tensor lives, in chunks."""
+    bits = _bits(tensor.detach())
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), _FINGERPRINT_CHUNK):
+        chunk = bits[start:start + _FINGERPRINT_CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + chunk.numel(), device=bits.device, dtype=torch.int64).mul_(2).add_(1)
+        total += (chunk * weights).sum()  # int64 arithmetic wraps mod 2^64
+    return int(total.item())
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The ranks' parameters (or buffers) differ: a data-parallel ZO run is no longer one model."""
+
+
+class DataParallelZO:
+    """Data-parallel zeroth-order steps on the default (or given) process group: each rank passes its own shard
+    of the batch, only loss scalars are exchanged, and every rank applies the identical update.
+
+        zo = DataParallelZO.from_environment()        # under torchrun: gloo on CPU, NCCL on GPU
+        result = zo.mezo_step(model, my_shard, mu=1e-3, lr=1e-6)   # seed agreed by the ranks
+        zo.rge_step(model, my_shard); optimizer.step()             # .grad identical on every rank
+
+    `check_every` (default 1): after every that many steps, the parameters' fingerprints are compared across the
+    ranks (one int64 per tensor exchanged) and ReplicaMismatchError names the tensors that differ; 0 disables it.
+    `check_replicas(model, exact=True)` instead compares every bit against rank 0 (broadcasts the parameters)."""
+
+    def __init__(self, group: Any = None, check_every: int = 1):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group (or use "
+                               "DataParallelZO.from_environment() under torchrun)")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
+        self.group, self.check_every = group, check_every
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.steps = 0
+
+    @classmethod
+    def from_environment(cls, check_every: int = 1) -> "DataParallelZO":
+        """Initializes the default process group from torchrun's environment if needed (NCCL when CUDA is
+        available, else gloo; a single process gets a 1-rank gloo group on a free local port)."""
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+        return cls(check_every=check_every)
+
+    def loss_fn(self, loss_fn: LossFn | None = None, samples: Any = None) -> ShardedLoss:
+        return ShardedLoss(loss_fn, self.group, samples)
+
+    def shard(self, batch: Any) -> Any:
+        """This rank's share of a global batch every rank holds (see shard_batch)."""
+        return shard_batch(batch, self.rank, self.world_size)
+
+    def agree_on_seed(self, seed: int | None) -> int:
+        """`seed`, or one drawn on rank 0, broadcast: every rank must regenerate the same directions. A given seed
+        is checked to be the same on every rank."""
+        device = _collective_device(self.group)
+        drawn = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        value = torch.tensor([drawn], dtype=torch.int64, device=device)
+        if seed is None:
+            dist.broadcast(value, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                           group=self.group)
+            return int(value.item())
+        gathered = [torch.empty_like(value) for _ in range(self.world_size)]
+        dist.all_gather(gathered, value, group=self.group)
+        seeds = [int(g.item()) for g in gathered]
+        if len(set(seeds)) != 1:
+            raise ValueError(f"seed differs across ranks ({seeds}): every rank must pass the same seed (or None)")
+        return seeds[0]
+
+    def _before_step(self, model: torch.nn.Module) -> None:
+        if self.check_every and self.steps == 0:  # the replicas must start identical
+            self.check_replicas(model)
+
+    def _after_step(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        if self.check_every and self.steps % self.check_every == 0:
+            self.check_replicas(model)
+
+    def mezo_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
+                  lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: Any = None,
+                  **kwargs: Any):
+        """zokernels.mezo_step on the global loss over all ranks' shards (`batch` is this rank's shard)."""
+        from .estimators.mezo import mezo_step
+        self._before_step(model)
+        result = mezo_step(model, batch, self.loss_fn(loss_fn), mu, lr, self.agree_on_seed(seed), q, param_filter,
+                           **kwargs)
+        self._after_step(model)
+        return result
+
+    def rge_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 5e-3,
+                 q: int = 1, dist_name: str = "gaussian", seed: int | None = None, **kwargs: Any) -> StepResult:
+        """zokernels.rge_step on the global loss: `.grad` is identical on every rank, so any optimizer's step
+        keeps the replicas identical (checked at the next step)."""
+        if self.check_every and self.steps % self.check_every == 0:  # the previous step's optimizer update
+            self.check_replicas(model)
+        result = api.rge_step(model, batch, self.loss_fn(loss_fn), mu, q, dist_name, self.agree_on_seed(seed),
+                              **kwargs)
+        self.steps += 1
+        return result
+
+    def check_replicas(self, model: torch.nn.Module, exact: bool = False, buffers: bool = True) -> None:
+        """Raises ReplicaMismatchError naming the tensors (parameters, and buffers if `buffers`) whose bits differ
+        from rank 0's. exact=False compares 64-bit fingerprints; exact=True broadcasts rank 0's tensors."""
+        named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
+        device = _collective_device(self.group)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        if exact:
+            differ = []
+            for name, t in named:
+                theirs = t.detach().clone().to(device)
+                dist.broadcast(theirs, src=src, group=self.group)
+                if not torch.equal(_bits(theirs), _bits(t.detach().to(device))):
+                    differ.append(name)
+            flags = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+            dist.all_gather(flags, torch.tensor([len(differ)], dtype=torch.int64, device=device), group=self.group)
+            if any(int(f.item()) for f in flags):
+                raise ReplicaMismatchError(f"rank {self.rank}: tensors differing from rank 0: {differ[:8]}; "
+                                           f"mismatches per rank {[int(f.item()) for f in flags]}")
+            return
+        mine = torch.tensor([fingerprint(t) for _, t in named], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        differ = sorted({name for g in gathered for (name, _), a, b in zip(named, g.tolist(), gathered[0].tolist())
+                         if a != b})
+        if differ:
+            raise ReplicaMismatchError(f"after step {self.steps}: the ranks' bits differ in {len(differ)} tensors, "
+                                       f"e.g. {differ[:8]}")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
