@@ -118,8 +118,8 @@ def last_uses(tape: Tape, keep: set) -> dict[Node, int]:
 
 
 def loss_changes(rec: Recording, param_node: Node, indices: torch.Tensor, steps: torch.Tensor,
-                 last_use: dict, what: str) -> torch.Tensor:
-    """ℓ(θ + steps[k] e_indices[k]) − ℓ(θ) for each k, float64 [K]."""
+                 last_use: dict, what) -> torch.Tensor:
+    """ℓ(θ + steps[k] e_indices[k]) − ℓ(θ) for each k, float64 [K]; `what(k)` names query k for errors."""
     tape, ctx = rec.tape, rec.ctx
     fused = fusion.fused_first_layer(param_node, indices, steps, ctx) if ctx.kernel_backend is not None else None
     seeds: dict = {}
@@ -183,10 +183,12 @@ def estimate_parameter(rec: Recording, name: str, param: torch.Tensor, indices: 
         if real < k:  # pad with repeats: every pass has K replicas, so no estimate depends on its neighbours
             chunk = torch.cat([chunk, chunk[-1:].expand(k - real)])
         up, down = realized_steps(param, chunk, mu)
-        where = f"{name}[{chunk[0].item()}]" if real == 1 else f"{name}[{chunk[0].item()}..{chunk[real - 1].item()}]"
-        change_up = loss_changes(rec, param_node, chunk, up, last_use, f"the +mu queries of {where}")
+        coordinates = chunk.tolist()
+        change_up = loss_changes(rec, param_node, chunk, up, last_use,
+                                 lambda j: f"the +mu query of {name}[{coordinates[j]}]")
         if central:
-            change_down = loss_changes(rec, param_node, chunk, -down, last_use, f"the -mu queries of {where}")
+            change_down = loss_changes(rec, param_node, chunk, -down, last_use,
+                                       lambda j: f"the -mu query of {name}[{coordinates[j]}]")
             estimate[chunk[:real]] = ((change_up - change_down) / (up + down))[:real]
         else:
             estimate[chunk[:real]] = (change_up / up)[:real]

@@ -68,8 +68,9 @@ class Head:
         found = [(i, tape.node_of(leaf)) for i, leaf in enumerate(leaves)]
         return [(i, node) for i, node in found if node is not None]
 
-    def change(self, rec, deltas: dict, k: int, what: str) -> torch.Tensor:
-        """Loss(θ + step_k e_k) − Loss(θ) for each replica k, float64 [K]."""
+    def change(self, rec, deltas: dict, k: int, what) -> torch.Tensor:
+        """Loss(θ + step_k e_k) − Loss(θ) for each replica k, float64 [K]. `what(j)` names replica j's query (for
+        errors: "the +mu query of conv1.weight[17]")."""
         if rec.loss_node is not None:
             d = deltas.get(rec.loss_node)
             change = torch.zeros(k, dtype=torch.float64) if d is None else \
@@ -78,34 +79,36 @@ class Head:
             change = self._black_box_change(rec, deltas, k, what)
         if not torch.isfinite(change).all():
             bad = int((~torch.isfinite(change)).nonzero()[0])
-            raise NonFiniteLossError(f"{self.source} is not finite in {what} (query {bad} of the pass); parameters "
-                                     "and buffers were restored")
+            raise NonFiniteLossError(f"{self.source} is not finite in {what(bad)}; parameters and buffers were "
+                                     "restored")
         return change
 
-    def _black_box_change(self, rec, deltas: dict, k: int, what: str) -> torch.Tensor:
+    def _black_box_change(self, rec, deltas: dict, k: int, what) -> torch.Tensor:
         outputs = rec.tape.outputs
         base_loss = self.base(outputs)
         leaves, spec = tree_flatten(outputs)
         perturbed = {i: deltas[node].perturbed_values(node.value).to(leaves[i].dtype)
                      for i, node in rec.output_nodes if node in deltas}
+        query = 0  # the query an error is reported for
         try:
             if getattr(self.output_loss, "accepts_query_axis", False) and isinstance(outputs, torch.Tensor):
                 batched = perturbed.get(0, outputs.unsqueeze(0).expand(k, *outputs.shape))
                 values = torch.as_tensor(self.output_loss(batched, self.batch), dtype=torch.float64)
                 if values.shape != (k,):
                     raise ValueError(f"output_loss with accepts_query_axis must return shape ({k},), got "
-                                     f"{tuple(values.shape)} in {what}")
+                                     f"{tuple(values.shape)} in {what(0)} and the {k - 1} queries batched with it")
                 return values.cpu() - base_loss
             changes = []
-            for j in range(k):
-                query = [perturbed[i][j] if i in perturbed else leaf for i, leaf in enumerate(leaves)]
-                value = self.output_loss(tree_unflatten(query, spec), self.batch)
-                changes.append(finite_scalar(value, self.source, f"{what} (query {j} of the pass)") - base_loss)
+            for query in range(k):
+                inputs = [perturbed[i][query] if i in perturbed else leaf for i, leaf in enumerate(leaves)]
+                value = self.output_loss(tree_unflatten(inputs, spec), self.batch)
+                changes.append(finite_scalar(value, self.source, what(query)) - base_loss)
             return torch.tensor(changes, dtype=torch.float64)
         except NonFiniteLossError:
             raise
         except Exception as error:
-            error.add_note(f"zokernels: raised by {self.source} during {what}; parameters and buffers were restored")
+            error.add_note(f"zokernels: raised by {self.source} during {what(query)}; parameters and buffers were "
+                           "restored")
             raise
 
     def as_loss_fn(self, model_input) -> Callable:

@@ -71,16 +71,18 @@ class Node:
     version: int = 0
     converted: bool = False   # the cached value was re-laid out channels-last (the model saw it contiguous)
 
+    _inputs: list | None = None
+
     @property
     def inputs(self) -> list["Node"]:
-        if self.kind == "item":
-            return [self.parent]
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        seen: list[Node] = []
-        for leaf in leaves:
-            if isinstance(leaf, Node) and leaf not in seen:
-                seen.append(leaf)
-        return seen
+        """The recorded nodes among the call's arguments, in order, each once (computed once: read every pass)."""
+        if self._inputs is None:
+            if self.kind == "item":
+                self._inputs = [self.parent]
+            else:
+                leaves, _ = tree_flatten((self.args, self.kwargs))
+                self._inputs = list(dict.fromkeys(leaf for leaf in leaves if isinstance(leaf, Node)))
+        return self._inputs
 
     def __repr__(self) -> str:
         return f"Node({self.describe()})"
