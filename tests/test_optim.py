@@ -1,0 +1,308 @@
+"""zokernels.optim against its float64 reference twins (reference/optim_ref.py), and its contracts.
+
+Twin comparison, per step (3 steps, the twin starting from the product's state before each step):
+- the closure sees the twin's query points bit for bit (same count: the forwards), the same losses, the same
+  coefficients c_j and the same LeZO layers;
+- new parameters and fp32 state lie within the twin's derived bound (running error analysis of the documented fp32
+  operations, see optim_ref's docstring); the bound is smaller than the update itself (median ratio < 1/2), and in
+  float32 a twin whose lr is off by 1e-4 relative falls outside it, so the check can fail.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zokernels.optim as zo
+from zokernels.estimators.common import NonFiniteLossError
+from zokernels.reference.optim_ref import zo_step_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+# name -> (factory(params, q), uses groups)
+CASES = {
+    "zosgd": lambda p, q: zo.ZOSGD(p, lr=0.05, mu=0.02, q=q, seed=11),
+    "zosgd_forward_clip": lambda p, q: zo.ZOSGD(p, lr=0.05, mu=0.02, q=q, estimator="forward", clip=0.5, seed=12),
+    "zosgd_momentum_wd": lambda p, q: zo.ZOSGD(p, lr=0.05, mu=0.02, q=q, momentum=0.9, weight_decay=0.1, seed=13),
+    "zosgd_replay": lambda p, q: zo.ZOSGD(p, lr=0.05, mu=0.02, q=q, momentum=0.8, momentum_buffer="replay",
+                                          replay_window=2, seed=14),
+    "zoadam": lambda p, q: zo.ZOAdam(p, lr=0.05, mu=0.02, q=q, weight_decay=0.01, seed=15),
+    "zosign_momentum": lambda p, q: zo.ZOSignSGD(p, lr=0.05, mu=0.02, q=q, momentum=0.5, seed=16),
+    "zoconservative": lambda p, q: zo.ZOConservative(p, lr=0.3, mu=0.02, q=q, seed=17),
+    "fzoo": lambda p, q: zo.FZOO(p, lr=0.05, mu=0.02, n=q + 1, seed=18),
+    "hizoo": lambda p, q: zo.HiZOO(p, lr=0.05, mu=0.02, q=q, hessian_smoothing=0.2, seed=19),
+    "lezo_groups": lambda p, q: zo.LeZO(p, lr=0.05, layers_per_step=1, mu=0.02, q=q, seed=20),
+    "lezo_adam_tensors": lambda p, q: zo.ZOAdam(p, lr=0.05, mu=0.02, q=q, layers_per_step=2, seed=21),
+}
+GROUPED = {"lezo_groups"}
+
+
+def make_problem(dtype, grouped=False):
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model = model.to(dtype)
+    x = torch.randn(12, 5, generator=g).to(dtype)
+    y = torch.randint(0, 3, (12,), generator=g)
+    params = list(model.parameters())
+    groups = [{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias], "lr": 0.08}] \
+        if grouped else params
+
+    def closure():
+        return F.cross_entropy(model(x).double(), y)
+
+    return model, params, groups, closure
+
+
+def cfg_of(opt):
+    rule = {"SGDRule": "sgd", "SignRule": "sign", "AdamRule": "adam"}[type(opt.rule).__name__]
+    return {"estimator": opt.estimator, "basis": opt.basis, "rule": rule, "mu": opt.mu, "q": opt.q, "clip": opt.clip,
+            "group_sizes": [len(g["params"]) for g in opt.param_groups], "layers_per_step": opt.layers_per_step,
+            "momentum_buffer": getattr(opt.rule, "momentum_buffer", "dense"),
+            "replay_window": getattr(opt.rule, "replay_window", 0), "needs_base": opt.needs_base,
+            "conservative": isinstance(opt, zo.ZOConservative),
+            "hessian_smoothing": getattr(opt, "hessian_smoothing", None)}
+
+
+def recording(closure, params):
+    seen = []
+
+    def wrapped():
+        seen.append([p.detach().clone() for p in params])
+        return closure()
+
+    return wrapped, seen
+
+
+def twin_step(opt, params, closure, before_params, before_state, lr_scale=1.0):
+    def loss_at(points):
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p, v in zip(params, points):
+                p.copy_(v)
+            value = float(closure())
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        return value
+
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "lr": g["lr"] * lr_scale}
+              for g in opt.param_groups for _ in g["params"]]
+    return zo_step_ref(cfg_of(opt), before_params, groups, before_state["state"], before_state["zo"].get("history", []),
+                       loss_at, before_state["zo"]["seed"], before_state["zo"]["t"])
+
+
+def within(values, ref, bound):
+    return bool(np.all(np.abs(values - ref) <= bound))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_update_matches_float64_twin(case, q, dtype):
+    if dtype == "fp64" and q == 3:
+        pytest.skip("fp64 runs at q = 1 only (time)")
+    model, params, groups, closure = make_problem(DTYPES[dtype], case in GROUPED)
+    opt = CASES[case](groups, q)
+    ratios, accepted_any = [], False
+    for step in range(3):
+        before = [p.detach().clone() for p in params]
+        state = opt.state_dict()
+        wrapped, seen = recording(closure, params)
+        opt.step(wrapped)
+        info = opt.last_step
+        ref = twin_step(opt, params, closure, [b.clone() for b in before], state)
+
+        assert len(seen) == len(ref.points) == info.forwards
+        # ZOConservative's last call is at the candidate θ_new, which the twin knows only within its bound
+        exact = len(seen) - 1 if isinstance(opt, zo.ZOConservative) else len(seen)
+        for got, want in zip(seen[:exact], ref.points[:exact]):
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b), "query point differs from the twin's"
+        for a, (x, bound) in zip(seen[exact:][0] if exact < len(seen) else [], ref.candidate):
+            assert within(a.double().reshape(-1).numpy(), x, bound)
+        assert info.losses[:exact] == ref.losses[:exact]
+        assert info.coefficients == ref.coefficients
+        assert info.layers == ref.layers and info.accepted == ref.accepted
+        for i, p in enumerate(params):
+            got = p.detach().double().reshape(-1).numpy()
+            assert within(got, ref.params[i], ref.bounds[i]), \
+                f"step {step} tensor {i}: max excess {np.max(np.abs(got - ref.params[i]) - ref.bounds[i]):.3g}"
+            if i in ref.active and ref.accepted:
+                delta = np.abs(ref.params[i] - before[i].double().reshape(-1).numpy())
+                ratios.append(np.median(ref.bounds[i]) / max(np.median(delta), 1e-300))
+        for i, new_state in ref.state.items():
+            st = opt.state[params[i]]
+            for key, bounded in new_state.items():
+                got = np.asarray(float(st[key]) if key == "step" else st[key].double().reshape(-1).numpy())
+                assert within(got, bounded.value, bounded.err), f"state {key} of tensor {i} outside the bound"
+        if ref.history:  # replayed momentum: the kept history ends with this step's coefficients
+            assert list(opt.state_dict()["zo"]["history"][-1][2]) == list(ref.coefficients)
+        accepted_any |= ref.accepted
+        if dtype == "fp32" and ref.accepted and step == 0:
+            # the bound can fail: a twin with lr off by 1e-4 (relative) lands outside it
+            wrong = twin_step(opt, params, closure, before, state, lr_scale=1 + 1e-4)
+            got = [p.detach().double().reshape(-1).numpy() for p in params]
+            assert not all(within(g, r, bd) for g, r, bd in zip(got, wrong.params, wrong.bounds))
+    assert accepted_any
+    assert ratios and np.median(ratios) < 0.5, f"bound not small against the update: {np.median(ratios):.3g}"
+
+
+def test_conservative_rejects_and_restores_bit_for_bit():
+    model, params, _, closure = make_problem(torch.float32)
+    opt = zo.ZOConservative(params, lr=50.0, mu=0.02, seed=3)  # a huge step: the loss increases
+    before = [p.detach().clone() for p in params]
+    state = opt.state_dict()
+    opt.step(closure)
+    assert not opt.last_step.accepted and opt.last_step.candidate_loss > opt.last_step.loss
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.t == 1 and opt.last_step.forwards == 4
+    ref = twin_step(opt, params, closure, [b.clone() for b in before], state)
+    assert not ref.accepted and ref.losses[:-1] == opt.last_step.losses[:-1]
+
+
+FAILING = ["zosgd", "zosgd_momentum_wd", "zosgd_replay", "zoadam", "zosign_momentum", "zoconservative", "fzoo",
+           "hizoo", "lezo_adam_tensors"]
+
+
+def deep_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+@pytest.mark.parametrize("case", FAILING)
+def test_failing_closure_leaves_everything_bit_identical(case, how):
+    model, params, groups, closure = make_problem(torch.float32)
+    opt = CASES[case](groups, 2)
+    for _ in range(2):  # state exists (moments, history, H) before the failing step
+        opt.step(closure)
+    forwards = opt.last_step.forwards
+    twin_model, twin_params, twin_groups, twin_closure = make_problem(torch.float32)
+    twin_opt = CASES[case](twin_groups, 2)
+    twin_opt.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for a, b in zip(twin_params, params):
+            a.copy_(b)
+    for fail_at in sorted({1, 2, forwards}):
+        before_params = [p.detach().clone() for p in params]
+        before_state, rng = opt.state_dict(), torch.get_rng_state()
+        calls = []
+
+        def failing():
+            calls.append(1)
+            if len(calls) == fail_at:
+                if how == "raise":
+                    raise RuntimeError("closure failed")
+                return torch.tensor(float("nan"))
+            return closure()
+
+        with pytest.raises(RuntimeError if how == "raise" else NonFiniteLossError) as error:
+            opt.step(failing)
+        assert len(calls) == fail_at
+        assert "optimizer state" in (str(error.value) + " ".join(getattr(error.value, "__notes__", [])))
+        assert all(torch.equal(p, b) for p, b in zip(params, before_params))
+        assert deep_equal(opt.state_dict(), before_state)
+        assert torch.equal(torch.get_rng_state(), rng)
+    # the failures changed nothing: the next step equals the step of an optimizer that never failed
+    opt.step(closure)
+    twin_opt.step(twin_closure)
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
+    assert deep_equal(opt.state_dict(), twin_opt.state_dict())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_dict_resumes_exactly(case):
+    _, params, groups, closure = make_problem(torch.float32, case in GROUPED)
+    opt = CASES[case](groups, 2)
+    for _ in range(2):
+        opt.step(closure)
+    _, params2, groups2, closure2 = make_problem(torch.float32, case in GROUPED)
+    resumed = CASES[case](groups2, 2)
+    resumed.seed = 999  # overwritten by the load
+    resumed.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for a, b in zip(params2, params):
+            a.copy_(b)
+    for _ in range(2):
+        opt.step(closure)
+        resumed.step(closure2)
+        assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
+@pytest.mark.parametrize("make,forwards", [
+    (lambda p: zo.ZOSGD(p, lr=0.01, q=3), 6), (lambda p: zo.ZOSGD(p, lr=0.01, q=3, estimator="forward"), 4),
+    (lambda p: zo.FZOO(p, lr=0.01, n=5), 6), (lambda p: zo.HiZOO(p, lr=0.01, q=2), 5),
+    (lambda p: zo.ZOConservative(p, lr=0.01, q=2), 6),
+    (lambda p: zo.ZOConservative(p, lr=0.01, q=2, estimator="forward"), 4)])
+def test_forwards_per_step(make, forwards):
+    _, params, _, closure = make_problem(torch.float32)
+    opt = make(params)
+    calls = []
+    opt.step(lambda: calls.append(1) or closure())
+    assert len(calls) == forwards == opt.last_step.forwards
+
+
+def test_common_random_numbers_and_rng_after_step():
+    """Every closure call of a step sees the same RNG state (dropout draws the same masks); afterwards the RNG is
+    where one closure call leaves it."""
+    _, params, _, loss = make_problem(torch.float32)
+    draws = []
+
+    def closure():
+        draws.append(torch.rand(3))  # what a dropout layer would draw
+        return loss()
+
+    opt = zo.ZOSGD(params, lr=0.01, q=2, seed=1)
+    torch.manual_seed(5)
+    start = torch.get_rng_state()
+    opt.step(closure)
+    after = torch.get_rng_state()
+    assert len(draws) == 4 and all(torch.equal(d, draws[0]) for d in draws)
+    torch.set_rng_state(start)
+    torch.rand(3)
+    assert torch.equal(after, torch.get_rng_state())
+
+
+def test_persistent_state_matches_the_stated_bytes():
+    for make in [lambda p: zo.ZOSGD(p, lr=0.01), lambda p: zo.ZOSGD(p, lr=0.01, momentum=0.9),
+                 lambda p: zo.ZOSGD(p, lr=0.01, momentum=0.9, momentum_buffer="replay"),
+                 lambda p: zo.ZOAdam(p), lambda p: zo.ZOSignSGD(p, lr=0.01, momentum=0.5),
+                 lambda p: zo.ZOConservative(p, lr=0.01), lambda p: zo.FZOO(p, lr=0.01),
+                 lambda p: zo.HiZOO(p, lr=0.01)]:
+        _, params, _, closure = make_problem(torch.float32)
+        opt = make(params)
+        opt.step(closure)
+        held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+        assert held == opt.memory_formula()["state"]
+        assert opt.memory_formula()["restore_copy"] == sum(p.numel() * p.element_size() for p in params)
+
+
+def test_torch_optim_conventions():
+    _, params, _, closure = make_problem(torch.float32)
+    opt = zo.ZOSGD(params, lr=0.1, seed=2)
+    assert isinstance(opt, torch.optim.Optimizer)
+    params[0].grad = torch.ones_like(params[0])
+    opt.zero_grad()
+    assert torch.equal(params[0].grad, torch.ones_like(params[0]))  # no-op
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(closure)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="optimizer-wide"):
+        zo.ZOSGD([{"params": params, "mu": 0.1}], lr=0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        zo.ZOConservative(params, lr=0.1).add_param_group({"params": [torch.zeros(2, requires_grad=True)],
+                                                            "momentum": 0.9})
+    with pytest.raises(ValueError, match="n must be"):
+        zo.FZOO(params, lr=0.1, n=1)
