@@ -122,8 +122,6 @@ def test_batch_that_does_not_fit_the_model_is_a_value_error_naming_batch(model_a
     model, (x, y) = model_and_batch
     batch = {"features": (x[:, :3], y), "dtype": (x.float(), y), "target dtype": (x, y.double()),
              "target range": (x, y + 10)}[misfit]
-    if verb.startswith("cge_step"):
-        pytest.xfail("the engine's Head.as_loss_fn does not yet declare zokernels_source / zokernels_owned (lead)")
     before = snapshot(model)
     with pytest.raises(ValueError, match="batch does not fit the model.*restored"):
         VERBS[verb](model, batch)
@@ -197,19 +195,12 @@ def test_failing_loss_error_names_loss_query_and_restore(model_and_batch, verb, 
     assert all(torch.all(p.grad == 7.0) for p in model.parameters()), "grads must not be half-written"
 
 
-ENGINE_PENDING = ("engine path (lead): a raising output_loss in the base evaluation makes engine='auto' fall back "
-                  "and re-run it instead of raising, its note says 'in the base' (not common.note_query_failure's "
-                  "'during ...'), the black-box change calls output_loss on the base outputs again, and queries are "
-                  "named by their pass ('0.weight[0..19]'), not by their coordinate")
-
 
 @pytest.mark.parametrize("engine", ["auto", "delta"])
 @pytest.mark.parametrize("how", ["raise", "nan"])
 @pytest.mark.parametrize("at, query", [(1, "the base (unperturbed) evaluation"), (2, "the +mu query of 0.weight[0]")])
-def test_failing_output_loss_on_the_engine_path_follows_the_same_contract(request, model_and_batch, at, query, how,
+def test_failing_output_loss_on_the_engine_path_follows_the_same_contract(model_and_batch, at, query, how,
                                                                           engine):
-    if (at, how) != (1, "nan"):  # strict: remove the marker once the engine path meets the contract
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ENGINE_PENDING))
     model, batch = model_and_batch
     before = snapshot(model)
     error = LookupError if how == "raise" else zokernels.NonFiniteLossError

@@ -148,16 +148,19 @@ def test_first_layer_matches_engine_seed_and_rules():
     """Fed what the engine caches (conv input, conv output), the kernel gives what the engine's seed + BN + ReLU
     rules give for the same flat coordinates: the engine can call it in place of those three steps."""
     from zokernels.engine import delta as rules
-    from zokernels.engine.cge_engine import seed_delta
+    from zokernels.engine.cge_engine import record_base
+    from zokernels.engine.heads import Head
+    from zokernels.engine.seeds import seed_delta
+    from zokernels.estimators.common import QueryGuard
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.BatchNorm2d(3),
                                 torch.nn.ReLU()).double()
     x = torch.randn(4, 2, 9, 7, dtype=F64)
     y, indices, steps = model[0](x), torch.tensor([0, 17, 40, 53]), torch.randn(4, dtype=F64) * 0.1
-
-    class Node:  # the two attributes seed_delta reads from an fx node
-        args = ("x",)
-    captured = type("Captured", (), {"values": {"x": x, Node: y}})()
-    seed = seed_delta(captured, Node, model[0], "weight", indices, steps, {})
+    named = dict(model.named_parameters())
+    with QueryGuard(model, list(named.values())) as guard:  # the engine's recording of the conv (its seed's input)
+        _, rec = record_base(model, (x,), Head(lambda out, batch: out.sum(), (x,)), None, guard, named)
+    param = rec.tape.params["0.weight"]
+    seed = seed_delta(param.users[0], param, indices, steps, rec.ctx)
     bn_out = model[1](y)
     after_bn = rules.batchnorm_train_delta(y, seed, model[1].weight, rules.batch_statistics(y, model[1].eps))
     expected = rules.relu_delta(bn_out, after_bn)

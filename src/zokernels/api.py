@@ -8,13 +8,14 @@ from typing import Any, Callable
 import torch
 
 from . import backends
-from .engine.cge_engine import DENSE_MODES, engine_estimates, record_base
+from .engine.cge_engine import DENSE_MODES, RecordingFailed, engine_estimates, record_base
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
-from .estimators.common import (LossFn, NonFiniteLossError, QueryGuard, StepResult, check_choice, check_mask,
-                                check_mu, check_step_batch, default_loss, evaluate_loss, trainable_parameters)
-from .kernels.dispatch import KERNEL_BACKENDS
+from .estimators.common import (BASE_QUERY, LossFn, QueryGuard, StepResult, batch_misfit, check_choice, check_mask,
+                                check_mu, check_step_batch, default_loss, evaluate_loss, note_query_failure,
+                                trainable_parameters)
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
+from .kernels.dispatch import KERNEL_BACKENDS
 from .philox import _check_seed
 
 SCHEMES = ("forward", "central")
@@ -139,12 +140,14 @@ def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mo
     kernel_backend = backend if backend in KERNEL_BACKENDS else None
     try:
         base, rec = record_base(model, batch, head, model_input, guard, dict(named), dense_mode, kernel_backend)
-    except NonFiniteLossError:
-        raise
-    except Exception as error:  # the recording failed where a plain forward may not: let the naive path decide
+    except RecordingFailed as failure:  # the forward raised under the recorder: let a plain forward decide
         if engine == "delta":
-            raise
-        reason = f"recording the forward raised {type(error).__name__}: {error}"
+            error = failure.__cause__
+            if not head.black_box and isinstance(error, (RuntimeError, IndexError)) \
+                    and not isinstance(error, torch.OutOfMemoryError):
+                raise batch_misfit(error, batch, head.source, BASE_QUERY) from error
+            raise note_query_failure(error, head.source, BASE_QUERY)
+        reason = f"recording the forward raised {failure}"
     else:
         if not rec.tape.blockers:
             return rec, base

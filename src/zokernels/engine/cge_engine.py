@@ -14,7 +14,7 @@ import torch
 
 from ..estimators.batching import model_call
 from ..estimators.cge import estimate_each_parameter
-from ..estimators.common import QueryGuard, finite_scalar
+from ..estimators.common import BASE_QUERY, QueryGuard, coordinate_query, finite_scalar
 from .allocator import retained_heap
 from . import fusion
 from .heads import Head
@@ -35,8 +35,9 @@ PASS_ACTIVATION_BYTES = 64 << 20
 DENSE_MODES = ("perturbed", "delta")
 
 
-class EngineUnavailable(Exception):
-    """The step cannot go through the delta engine; the message says why (the caller falls back)."""
+class RecordingFailed(Exception):
+    """The forward raised under the recorder (its cause: the original exception). A plain forward may still work:
+    engine='auto' falls back to full evaluations, which report the model's own error if it recurs."""
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Recording:
     loss_node: Node | None           # the loss, when it was computed inside the recording
     output_nodes: list               # (leaf index, node) of model outputs that depend on parameters (black box)
     ctx: Context
+    base_loss: float = 0.0
 
     def final_nodes(self) -> set:
         """The nodes the estimate reads at the end: the loss, or the model outputs handed to a black box."""
@@ -73,18 +75,16 @@ def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, gua
         try:
             tape = record(forward, model, params)
         except Exception as error:
-            error.add_note("zokernels: raised by the model or the loss during the base (unperturbed) evaluation; "
-                           "parameters and buffers were restored")
-            raise
+            raise RecordingFailed(f"{type(error).__name__}: {error}") from error
     if tape.loss is not None:
-        base = finite_scalar(tape.loss, head.source, "the base (unperturbed) evaluation")
+        base = finite_scalar(tape.loss, head.source, BASE_QUERY)
         loss_node, outputs = tape.node_of(tape.loss), []
     else:
         base = head.base(tape.outputs)
         loss_node, outputs = None, head.output_leaves(tape)
     _channels_last(tape)
     mixing = fusion.one_channel_conv2d_delta if kernel_backend is not None else None
-    return base, Recording(tape, head, loss_node, outputs, Context({}, dense_mode, kernel_backend, mixing))
+    return base, Recording(tape, head, loss_node, outputs, Context({}, dense_mode, kernel_backend, mixing), base)
 
 
 def _channels_last(tape: Tape) -> None:
@@ -185,10 +185,10 @@ def estimate_parameter(rec: Recording, name: str, param: torch.Tensor, indices: 
         up, down = realized_steps(param, chunk, mu)
         coordinates = chunk.tolist()
         change_up = loss_changes(rec, param_node, chunk, up, last_use,
-                                 lambda j: f"the +mu query of {name}[{coordinates[j]}]")
+                                 lambda j: coordinate_query(name, coordinates[j], "+"))
         if central:
             change_down = loss_changes(rec, param_node, chunk, -down, last_use,
-                                       lambda j: f"the -mu query of {name}[{coordinates[j]}]")
+                                       lambda j: coordinate_query(name, coordinates[j], "-"))
             estimate[chunk[:real]] = ((change_up - change_down) / (up + down))[:real]
         else:
             estimate[chunk[:real]] = (change_up / up)[:real]

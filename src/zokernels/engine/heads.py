@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..estimators.batching import batch_targets, call_model, model_loss, output_logits
-from ..estimators.common import NonFiniteLossError, finite_scalar
+from ..estimators.common import (BASE_QUERY, NonFiniteLossError, finite_scalar, nonfinite_error,
+                                 note_query_failure)
 
 OutputLoss = Callable[[Any, Any], Any]
 BUILTIN_OUTPUT_LOSSES = ("cross_entropy", "mse")
@@ -57,10 +58,8 @@ class Head:
         try:
             value = self.loss(outputs)
         except Exception as error:
-            error.add_note(f"zokernels: raised by {self.source} in the base (unperturbed) evaluation; parameters and "
-                           "buffers were restored")
-            raise
-        return finite_scalar(value, self.source, "the base (unperturbed) evaluation")
+            raise note_query_failure(error, self.source, BASE_QUERY)
+        return finite_scalar(value, self.source, BASE_QUERY)
 
     def output_leaves(self, tape) -> list:
         """(leaf index, node) for every model output that depends on the parameters."""
@@ -79,13 +78,11 @@ class Head:
             change = self._black_box_change(rec, deltas, k, what)
         if not torch.isfinite(change).all():
             bad = int((~torch.isfinite(change)).nonzero()[0])
-            raise NonFiniteLossError(f"{self.source} is not finite in {what(bad)}; parameters and buffers were "
-                                     "restored")
+            raise nonfinite_error(self.source, "a non-finite change", what(bad))
         return change
 
     def _black_box_change(self, rec, deltas: dict, k: int, what) -> torch.Tensor:
-        outputs = rec.tape.outputs
-        base_loss = self.base(outputs)
+        outputs, base_loss = rec.tape.outputs, rec.base_loss
         leaves, spec = tree_flatten(outputs)
         perturbed = {i: deltas[node].perturbed_values(node.value).to(leaves[i].dtype)
                      for i, node in rec.output_nodes if node in deltas}
@@ -107,12 +104,14 @@ class Head:
         except NonFiniteLossError:
             raise
         except Exception as error:
-            error.add_note(f"zokernels: raised by {self.source} during {what(query)}; parameters and buffers were "
-                           "restored")
-            raise
+            raise note_query_failure(error, self.source, what(query))
 
     def as_loss_fn(self, model_input) -> Callable:
         """The same loss as a loss_fn(model, batch) for the naive path."""
         def loss_fn(model, batch):
             return Head(self.output_loss, batch).loss(call_model(model, batch, model_input))
+        loss_fn.zokernels_source = self.source
+        # zokernels calls the model; the loss is its own unless a black box: a RuntimeError in the first evaluation
+        # is then a batch that does not fit the model (the error contract, estimators/common.py)
+        loss_fn.zokernels_owned = not self.black_box
         return loss_fn
