@@ -31,7 +31,7 @@ def setup(batch_size: int = 16, length: int = 64):
     return model, lm.encode(tokenizer, texts, labels, length)
 
 
-def mezo_reference_step(model, batch, mu: float, lr: float, seed: int) -> None:
+def mezo_reference_step(model, batch, mu: float, lr: float, seed: int, loss_fn=lm.classification_loss) -> None:
     """The MeZO code's step: four per-tensor sweeps, z regenerated with torch.normal after manual_seed."""
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -42,9 +42,9 @@ def mezo_reference_step(model, batch, mu: float, lr: float, seed: int) -> None:
             p.data.add_(z, alpha=scale * mu)
 
     perturb(1.0)
-    plus = lm.classification_loss(model, batch).item()
+    plus = loss_fn(model, batch).item()
     perturb(-2.0)
-    minus = lm.classification_loss(model, batch).item()
+    minus = loss_fn(model, batch).item()
     perturb(1.0)
     g = (plus - minus) / (2 * mu)
     torch.manual_seed(seed)
