@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from . import delta as math
 from . import fused
@@ -77,6 +78,12 @@ def arguments(node: Node, names: tuple[str, ...]) -> dict:
     return out
 
 
+def constant_arguments(node: Node) -> tuple[tuple, dict]:
+    """The call's arguments after the first, with recorded nodes replaced by their base values."""
+    args, kwargs = tree_map(value, (node.args[1:], node.kwargs))
+    return args, kwargs
+
+
 def only_first_changes(node: Node, deltas: dict) -> bool:
     first = node.args[0] if node.args else None
     return isinstance(first, Node) and first in deltas and all(
@@ -124,7 +131,8 @@ def _elementwise(node, ctx, deltas):
     if not is_float(y) or y.shape != x.shape:
         return NotImplemented
     xb = math.base_like(x, d)
-    perturbed = node.func(xb + d.values.to(xb.dtype), *node.args[1:], **node.kwargs)
+    rest, kwargs = constant_arguments(node)
+    perturbed = node.func(xb + d.values.to(xb.dtype), *rest, **kwargs)
     return Delta(perturbed - math.base_like(y, d), d.channels)
 
 
@@ -570,8 +578,8 @@ def _structural(node, ctx, deltas):
     if name in ("mean", "sum") and node.kwargs.get("dtype") is not None:
         return NotImplemented
     x, d = first(node, deltas)
-    rest = tuple(value(a) for a in node.args[1:])
-    out = torch.vmap(lambda t: node.func(t, *rest, **node.kwargs))(d.dense(x))
+    rest, kwargs = constant_arguments(node)
+    out = torch.vmap(lambda t: node.func(t, *rest, **kwargs))(d.dense(x))
     return _as_delta(out, node)
 
 
@@ -679,7 +687,8 @@ def _linear_pool(node, ctx, deltas):
     if not only_first_changes(node, deltas):
         return NotImplemented
     x, d = first(node, deltas)
-    fn = lambda t: node.func(t, *[value(a) for a in node.args[1:]], **node.kwargs)  # noqa: E731
+    rest, kwargs = constant_arguments(node)
+    fn = lambda t: node.func(t, *rest, **kwargs)  # noqa: E731
     if d.perturbed:
         return Delta(math.per_sample_apply(fn, d.values), perturbed=True)
     return math.per_replica_linear(fn, d, x)
@@ -693,7 +702,8 @@ def _max_pool(node, ctx, deltas):
     if not only_first_changes(node, deltas) or not isinstance(node.value, torch.Tensor):
         return NotImplemented
     x, d = first(node, deltas)
-    fn = lambda t: node.func(t, *[value(a) for a in node.args[1:]], **node.kwargs)  # noqa: E731
+    rest, kwargs = constant_arguments(node)
+    fn = lambda t: node.func(t, *rest, **kwargs)  # noqa: E731
     if d.perturbed:
         return Delta(math.per_sample_apply(fn, d.values), perturbed=True)
     return math.channel_nonlinear(fn, d, x, node.value)
