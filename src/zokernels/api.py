@@ -13,23 +13,12 @@ from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
 from .estimators.common import (BASE_QUERY, LossFn, QueryGuard, StepResult, batch_misfit, check_choice, check_mask,
                                 check_mu, check_step_batch, default_loss, evaluate_loss, note_query_failure,
-                                trainable_parameters)
+                                trainable_parameters, write_grads)
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
 from .kernels.dispatch import KERNEL_BACKENDS
 from .philox import _check_seed
 
 SCHEMES = ("forward", "central")
-
-
-def _write_grads(params: list[torch.Tensor], estimates: list[torch.Tensor], accumulate: bool) -> None:
-    for p, g in zip(params, estimates):
-        g = g.to(device=p.device, dtype=p.dtype)
-        if p.grad is None:
-            p.grad = g.clone() if accumulate else g
-        elif accumulate:
-            p.grad.add_(g)
-        else:
-            p.grad.copy_(g)
 
 
 def _base_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuard,
@@ -130,7 +119,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
         finally:
             if rec is not None:
                 rec.close()  # a tape lives for one step: its cached activations go now
-    _write_grads(params, [estimates[name] for name, _ in named], accumulate)
+    write_grads(params, [estimates[name] for name, _ in named], accumulate)
     queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
     return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
                       engine=served)
@@ -186,5 +175,5 @@ def rge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
         base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
         guard.keep_current_buffers()
         estimates = rge_estimate(model, batch, loss_fn, mu, q, dist, seed, params, guard, base, used_backend)
-    _write_grads(params, estimates, accumulate)
+    write_grads(params, estimates, accumulate)
     return StepResult(loss=base, num_queries=1 + q, backend=used_backend, seed=seed)

@@ -511,40 +511,38 @@ def _channel_scale(node: Node, deltas: dict, op, commutative: bool) -> Delta | N
 
 
 # ---- softmax and normalization ------------------------------------------------------------------------------------
-def _dim_arg(node: Node, position: int = 1):
-    if "dim" in node.kwargs:
-        return node.kwargs["dim"]
-    return node.args[position] if len(node.args) > position else None
+def _softmax_operands(node: Node, deltas: dict):
+    """(base input, its dense δ, the softmax axis on the [K, ...] replicas), or None where the closed form does not
+    cover the call (another input changed, a dtype cast, a perturbed-form δ)."""
+    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed or node.kwargs.get("dtype") \
+            or len(node.args) > 2:
+        return None
+    x, d = first(node, deltas)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if dim is None or node.value.dtype != x.dtype:
+        return None
+    return x, d.dense(x), dim % x.dim() + 1
 
 
 @rule("softmax", describe="exact: p ⊙ (expm1(δ) − Σp·expm1(δ)) / (1 + Σp·expm1(δ))")
 def _softmax(node, ctx, deltas):
-    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed or node.kwargs.get("dtype") \
-            or len(node.args) > 2:
+    operands = _softmax_operands(node, deltas)
+    if operands is None:
         return NotImplemented
-    x, d = first(node, deltas)
-    dim = _dim_arg(node)
-    if dim is None or node.value.dtype != x.dtype:
-        return NotImplemented
-    dim = dim % x.dim() + 1
+    _, dense, dim = operands
     p = node.value.unsqueeze(0)
-    e = torch.expm1(d.dense(x))
+    e = torch.expm1(dense)
     s = (p * e).sum(dim=dim, keepdim=True)
     return Delta(p * (e - s) / (1 + s))
 
 
 @rule("log_softmax", describe="exact: δ − log1p(Σp·expm1(δ))")
 def _log_softmax(node, ctx, deltas):
-    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed or node.kwargs.get("dtype") \
-            or len(node.args) > 2:
+    operands = _softmax_operands(node, deltas)
+    if operands is None:
         return NotImplemented
-    x, d = first(node, deltas)
-    dim = _dim_arg(node)
-    if dim is None or node.value.dtype != x.dtype:
-        return NotImplemented
-    dim = dim % x.dim() + 1
+    _, dense, dim = operands
     p = node.value.exp().unsqueeze(0)
-    dense = d.dense(x)
     return Delta(dense - torch.log1p((p * torch.expm1(dense)).sum(dim=dim, keepdim=True)))
 
 
