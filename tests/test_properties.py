@@ -15,6 +15,8 @@ and never anything else; after an error parameters, buffers and `.grad` are bit-
 Examples are derandomized (the same ones on every run and machine) and no example database is written.
 """
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +27,12 @@ from zokernels import NonFiniteLossError
 from zokernels.estimators.common import is_query_failure
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, configuration, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+# Hypothesis caches what it learns (e.g. the constants of the source, gathered while pytest collects, right after
+# this module is imported) under ./.hypothesis: keep it in the temporary directory, out of the checkout.
+configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "zokernels-tests-hypothesis")
 
 SETTINGS = settings(max_examples=30, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -181,6 +187,8 @@ def run_contract(call, model, loss, writes_grad, inplace_mu=None):
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     before = state(model)
+    if isinstance(loss, UserLoss):
+        loss.raised = False  # a ZOSVRG loss serves several steps
     try:
         result = call()
     except Exception as error:
@@ -219,7 +227,7 @@ MODEL_KINDS = ["mlp32", "mlp64", "cnn_bn"]
 def test_cge_step_keeps_the_contract(data):
     model_kind = data.draw(st.sampled_from(MODEL_KINDS))
     model = make_model(model_kind)
-    batch = data.draw(batches(model_kind, dtype_of(model), STRUCTURAL[1:]))
+    batch = data.draw(batches(model_kind, dtype_of(model), STRUCTURAL[1:] + MISFIT))
     loss = data.draw(losses())
     kwargs = data.draw(arguments(
         dict(mu=5e-3, mask=None, scheme="forward", engine="auto"),
@@ -229,12 +237,10 @@ def test_cge_step_keeps_the_contract(data):
                  writes_grad=True)
 
 
-@pytest.mark.xfail(strict=True, reason="engine path (lead): Head.as_loss_fn does not yet declare zokernels_source / "
-                                       "zokernels_owned, so a batch that does not fit the model under cge_step's "
-                                       "default loss comes back as torch's RuntimeError / IndexError")
 @SETTINGS
 @given(st.data())
 def test_cge_step_reports_misfit_batches_as_value_errors(data):
+    """The default loss (engine and naive path): a batch that does not fit the model is a ValueError naming it."""
     model_kind = data.draw(st.sampled_from(["mlp32", "cnn_bn"]))
     model = make_model(model_kind)
     batch = make_batch(data.draw(st.sampled_from(MISFIT)), model_kind, dtype_of(model))
@@ -300,6 +306,7 @@ def test_zosvrg_keeps_the_contract(data):
         batch = data.draw(batches(model_kind, dtype, STRUCTURAL[1:] + MISFIT))
         t, anchor = opt.t, [a.clone() for a in opt.anchor]
         if run_contract(lambda: opt.step(batch), model, loss, writes_grad=False) is None:
-            assert opt.t == t and all(torch.equal(a, b) for a, b in zip(anchor, opt.anchor)), "a failed step moved"
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(anchor, opt.anchor))
+            assert opt.t == t and same, "a failed step moved the step count or the anchor θ̄"
         else:
             assert opt.t == t + 1

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import LossFn, QueryGuard, coordinate_query, evaluate_loss
+from .common import LossFn, QueryGuard, coordinate_query, evaluate_loss, realized_step_error
 
 
 def coordinate_indices(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -26,6 +26,9 @@ def _query(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuar
 def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, base_loss: float, mu: float,
                        central: bool, loss_fn: LossFn, model: torch.nn.Module, batch: Any,
                        guard: QueryGuard) -> torch.Tensor:
+    error = realized_step_error(name, param, indices, mu, central)
+    if error is not None:
+        raise error
     flat = param.data.view(-1)
     estimate = torch.zeros(flat.numel(), dtype=torch.float64)
     for i in indices.tolist():

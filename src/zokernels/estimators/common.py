@@ -161,6 +161,43 @@ def check_mu(mu: float) -> float:
     return float(mu)
 
 
+def realized_step_error(name: str, param: torch.Tensor, indices: torch.Tensor, mu: float,
+                        central: bool) -> ValueError | None:
+    """The ValueError for a mu that moves no coordinate `indices` (flat) of `param` or overflows its dtype, else
+    None. The steps are h = fl(θ ± μ) − θ in the parameter's dtype, as CGE divides by them: μ below half an ulp
+    of |θ| gives h = 0 (a division by zero), μ beyond the dtype's range gives inf."""
+    if indices.numel() == 0:
+        return None
+    theta = param.detach().reshape(-1)[indices.to(param.device)].double()
+    for sign in ((1.0, -1.0) if central else (1.0,)):
+        with torch.no_grad():
+            moved = theta + sign * mu
+            step = (moved.to(param.dtype).double() - theta) * sign
+        step[moved.abs() > torch.finfo(param.dtype).max] = math.inf  # beyond the dtype's range: torch refuses it
+        bad = ~torch.isfinite(step) | (step == 0)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            i, value = int(indices[j]), float(theta[j])
+            what = "overflows" if not math.isfinite(float(step[j])) else "does not move"
+            return ValueError(f"mu={mu!r} {what} {name}[{i}] = {value!r} in {param.dtype} (θ {'+-'[sign < 0]} mu "
+                              f"rounds to {'inf' if what == 'overflows' else 'θ'}): pick mu between about "
+                              f"{torch.finfo(param.dtype).eps * max(abs(value), torch.finfo(param.dtype).tiny):.3g} "
+                              f"and {torch.finfo(param.dtype).max / 2:.3g} for this parameter")
+    return None
+
+
+def check_realized_steps(named: list[tuple[str, torch.Tensor]], mask: dict[str, torch.Tensor] | None, mu: float,
+                         scheme: str) -> None:
+    """cge_step's check before any query: every selected coordinate moves by a finite, non-zero step."""
+    for name, param in named:
+        if mask is not None and name not in mask:
+            continue
+        indices = torch.arange(param.numel()) if mask is None else torch.nonzero(mask[name].reshape(-1).cpu()).flatten()
+        error = realized_step_error(name, param, indices, mu, scheme == "central")
+        if error is not None:
+            raise error
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

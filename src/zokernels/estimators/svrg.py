@@ -62,7 +62,7 @@ class ZOSVRG:
         self.mu = check_mu(mu)
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
         self.pert = Perturbation(model, select_parameters(model, param_filter), backend, scratch=True)
-        self.anchor = [torch.empty_like(p) for p in self.pert.params]
+        self.anchor = [p.detach().clone() for p in self.pert.params]  # θ̄ = θ_0 until the first anchor step
         self.t = 0
         self.anchor_stream, self.anchor_grad = -1, 0.0
 
