@@ -2,19 +2,53 @@
 asked for explicitly that cannot run raises an error that says why (see `availability()`)."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def describe_missing_extension(error: BaseException, package_dir: Path = PACKAGE_DIR,
+                               environ: Mapping[str, str] = os.environ) -> str:
+    """Why zokernels._C is missing, from what can be seen: the import error itself, where zokernels was imported
+    from, whether that is a source checkout (never built in place) or an install, and whether a compiled module
+    is there at all. ZOKERNELS_SKIP_EXT is named only when it is set."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    built = sorted(p.name for p in package_dir.glob("_C*") if p.name.endswith(suffixes))
+    checkout = next((d for d in (package_dir.parent, package_dir.parent.parent)
+                     if (d / "pyproject.toml").is_file() and (d / "csrc").is_dir()), None)
+    where = f"zokernels was imported from {package_dir}"
+    if checkout is not None:
+        where += f", a source checkout ({checkout})"
+    if built:
+        cause = (f"a compiled module is there ({', '.join(built)}) but did not load: it was built for another "
+                 "Python, torch or machine, or a library it needs is missing; rebuild it in this environment "
+                 "(pip install --force-reinstall --no-build-isolation .)")
+    elif checkout is not None:
+        cause = ("no compiled _C*.so is there: the checkout was never built in place; import the installed "
+                 "package (run from outside the checkout, or `pip install .` first), or build in place with "
+                 "`pip install -e . --no-build-isolation`")
+    else:
+        cause = ("no compiled _C*.so is there: this install has no extension (built with ZOKERNELS_SKIP_EXT=1, or "
+                 "its build failed); reinstall from the source with a C++ compiler and cmake present")
+    skip = environ.get("ZOKERNELS_SKIP_EXT", "")
+    flag = f"; ZOKERNELS_SKIP_EXT={skip} is set in this environment" if skip not in ("", "0") else ""
+    return f"zokernels._C could not be imported ({type(error).__name__}: {error}); {where}; {cause}{flag}"
+
 
 try:
     from . import _C  # type: ignore[attr-defined]
 
     _C_IMPORT_ERROR: str | None = None
-except ImportError as error:  # pure-Python install (ZOKERNELS_SKIP_EXT=1) or a failed build
+except ImportError as error:  # a source tree without a build, a pure-Python install, or a build that cannot load
     _C = None
-    _C_IMPORT_ERROR = f"zokernels._C could not be imported ({error}); reinstall without ZOKERNELS_SKIP_EXT"
+    _C_IMPORT_ERROR = describe_missing_extension(error)
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 

@@ -6,12 +6,12 @@ import platform
 import torch
 
 from . import __version__
-from .backends import availability
+from .backends import PACKAGE_DIR, availability
 
 
 def build_report() -> str:
     lines = [
-        f"zokernels {__version__}",
+        f"zokernels {__version__} (imported from {PACKAGE_DIR})",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), Python {platform.python_version()}, "
         f"{torch.get_num_threads()} torch threads",
         "backends:",
