@@ -5,9 +5,10 @@
 //
 // z v2: log, sin and cos are our own float32 formulas made only of correctly rounded +, -, *, sqrt, integer/bit
 // operations and exact int->float conversions, in a fixed order and never contracted to FMA. Every IEEE backend
-// (numpy, C++, CUDA, Triton) therefore computes the same bits; libm is not used. The coefficients below are the
-// single source of truth: zokernels/reference/philox_ref.py and zokernels/kernels/triton/philox_sweep.py copy
-// them and tests/test_philox_v2.py parses this header to check the copies.
+// (numpy, C++, CUDA, Triton, torch) therefore computes the same bits; libm is not used. The constants' one source
+// is zokernels/kernels/philox_constants.py (the Triton kernel, the torch generator and the numpy twin import it);
+// the constexpr values below are its C++/CUDA copy, and tests/test_philox_v2.py parses this header and checks that
+// every coefficient, the ln 2 split, the Philox multipliers and key increments equal that module's.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -1,5 +1,6 @@
-"""z v2: the coefficients' single source of truth (csrc/philox.h), the accuracy bound of the float32 Box-Muller
-against float64 on the same uniforms, and the scalar/batched C++ paths against the numpy twin."""
+"""z v2: the constants' Python source (kernels/philox_constants.py) equals csrc/philox.h, the accuracy bound of
+the float32 Box-Muller against float64 on the same uniforms, and the scalar/batched C++ paths against the numpy
+twin."""
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from zokernels import backends
+from zokernels.kernels import philox_constants as C
 from zokernels.reference import philox_ref
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "philox.h"
@@ -22,16 +24,25 @@ def _header_constants() -> dict[str, float]:
     return floats
 
 
-def test_python_coefficients_equal_the_header():
+def test_python_constants_equal_the_header():
+    # kernels/philox_constants.py is the one Python source (the torch generator, the Triton kernel and the numpy
+    # twin import it); csrc/philox.h is the C++/CUDA copy.
     header = _header_constants()
-    for prefix, coeffs in (("kLogC", philox_ref.LOG_COEFFS), ("kSinC", philox_ref.SIN_COEFFS),
-                           ("kCosC", philox_ref.COS_COEFFS)):
+    for prefix, coeffs in (("kLogC", C.LOG_COEFFS), ("kSinC", C.SIN_COEFFS), ("kCosC", C.COS_COEFFS)):
         in_header = [header[name] for name in sorted(k for k in header if k.startswith(prefix))]
         assert in_header == list(coeffs), prefix
-    assert (header["kLn2Hi"], header["kLn2Lo"]) == (philox_ref.LN2_HI, philox_ref.LN2_LO)
-    assert header["kSqrtHalfBits"] == philox_ref.SQRT_HALF_BITS
-    for value in list(philox_ref.LOG_COEFFS) + list(philox_ref.SIN_COEFFS) + list(philox_ref.COS_COEFFS):
+    assert (header["kLn2Hi"], header["kLn2Lo"]) == (C.LN2_HI, C.LN2_LO)
+    assert header["kSqrtHalfBits"] == C.SQRT_HALF_BITS
+    for value in list(C.LOG_COEFFS) + list(C.SIN_COEFFS) + list(C.COS_COEFFS):
         assert float(np.float32(value)) == value  # exactly representable: every backend reads the same fp32
+    text = HEADER.read_text()
+    philox_round = re.search(r"mulhilo32\((0x[0-9A-F]+)u, c0.*mulhilo32\((0x[0-9A-F]+)u, c2.*k0 \+= (0x[0-9A-F]+)u;"
+                             r"\s*k1 \+= (0x[0-9A-F]+)u;", text, re.S)
+    assert [int(h, 16) for h in philox_round.groups()] == [C.PHILOX_M0, C.PHILOX_M1, C.PHILOX_W0, C.PHILOX_W1]
+    assert f"round < {C.PHILOX_ROUNDS};" in text
+    assert "0x1p-24f), 0x1p-25f)" in text and "0x1p-23f)" in text
+    assert (C.UNIFORM_SCALE, C.UNIFORM_HALF_STEP, C.ANGLE_SCALE) == (2.0**-24, 2.0**-25, 2.0**-23)
+    assert philox_ref.LOG_COEFFS is C.LOG_COEFFS and philox_ref.SIN_COEFFS is C.SIN_COEFFS  # the twin's are these
 
 
 def _all_uniform_words(stride: int = 1) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 A direction over a list of tensors is one stream; tensor t's elements use global offsets starting at the sum of
 the numels before it, so z does not depend on how parameters are grouped, chunked or threaded.
+
+Backends (zokernels.backends.resolve_backend): cpu (`_C`), cuda and triton (one launch per dtype), and torch, which
+generates z with torch ops on the tensors' own device (kernels/philox_torch.py). All are bit-identical.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .reference.philox_ref import philox_normal_ref, philox_uint32_ref
+from .kernels.philox_torch import philox_normal_torch, philox_uint32_torch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _UINT64_MAX = 2**64 - 1
@@ -57,7 +60,7 @@ def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: 
         out = torch.empty(n, dtype=torch.float32)
         backends._C.philox_normal(out.data_ptr(), n, seed, stream, offset)
         return out
-    return torch.from_numpy(philox_normal_ref(n, seed, stream, offset))
+    return philox_normal_torch(n, seed, stream, offset)
 
 
 def philox_uint32(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> np.ndarray:
@@ -67,7 +70,7 @@ def philox_uint32(n: int, seed: int, stream: int = 0, offset: int = 0, backend: 
         out = np.empty(n, dtype=np.uint32)
         backends._C.philox_uint32(out.ctypes.data, n, seed, stream, offset)
         return out
-    return philox_uint32_ref(n, seed, stream, offset)
+    return philox_uint32_torch(n, seed, stream, offset).numpy().astype(np.uint32)
 
 
 def stream_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -83,7 +86,8 @@ def normal_sumsq(numel: int, seed: int, stream: int, offset: int, backend: str |
     """Σ z(seed, stream, offset + i)² over i < numel, without materializing z on the cpu backend."""
     if _use_cpu_ext([], backend):
         return float(backends._C.philox_normal_sumsq(numel, _check_seed("seed", seed), stream, offset))
-    z = philox_normal_ref(numel, seed, stream, offset).astype(np.float64)
+    # z is generated on the CPU (the result is a host float); the float64 sum keeps numpy's dot order.
+    z = philox_normal_torch(numel, seed, stream, offset).numpy().astype(np.float64)
     return float(np.dot(z, z))
 
 
@@ -146,7 +150,7 @@ def add_normal_combination_(
         combination = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
         for stream, coeff in terms:
             coeff32 = float(np.float32(coeff) * np.float32(scale))
-            z = torch.from_numpy(philox_normal_ref(t.numel(), seed, stream, offset)).to(t.device)
+            z = philox_normal_torch(t.numel(), seed, stream, offset, device=t.device)
             combination += coeff32 * z
         with torch.no_grad():
             t.copy_((t.float() + combination.view_as(t)).to(t.dtype) if t.dtype != torch.float64
@@ -196,10 +200,10 @@ def normal_combination_into(
             terms32, [sources[i].data_ptr() for i in keep], [minus[i].data_ptr() for i in keep] if minus else [])
         return
     for i, (o, s, offset) in enumerate(zip(out, sources, offsets)):
-        d = torch.zeros(o.numel(), dtype=torch.float32)
+        d = torch.zeros(o.numel(), dtype=torch.float32, device=o.device)
         for stream, coeff in terms32:
-            d += coeff * torch.from_numpy(philox_normal_ref(o.numel(), seed, stream, offset))
-        d = d.to(o.device).view_as(o)
+            d += coeff * philox_normal_torch(o.numel(), seed, stream, offset, device=o.device)
+        d = d.view_as(o)
         wide = torch.float64 if o.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             o.copy_((s.to(wide) + d.to(wide)).to(o.dtype))

@@ -1,30 +1,28 @@
 """Reference twin of csrc/philox.h in numpy: Philox4x32-10 plus Box-Muller, element i of a stream taken from
-lane i % 4 of counter block i // 4. It is also the torch backend's generator when `_C` is missing.
+lane i % 4 of counter block i // 4. The product's torch backend has its own generator (kernels/philox_torch.py);
+this twin is the oracle the tests compare every backend with.
 
 z v2 (docs/philox.md): the transcendental part of Box-Muller is our own float32 formula built only from correctly
 rounded +, −, ×, sqrt, integer/bit operations and exact int→float conversions, evaluated op by op in a fixed order.
-numpy float32 arithmetic is IEEE round-to-nearest op by op, so this twin is **bit-identical** to the C++, CUDA and
-Triton kernels. The coefficients are copied from csrc/philox.h (tests/test_philox_v2.py parses the header and checks
-that they match).
+numpy float32 arithmetic is IEEE round-to-nearest op by op (np.sqrt included), so this twin is **bit-identical** to
+the C++, CUDA, Triton and torch kernels. The constants come from the product's single Python source,
+zokernels/kernels/philox_constants.py (constants only: no code of the product is used here), which
+tests/test_philox_v2.py checks against csrc/philox.h.
 """
 import numpy as np
 
-_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+from ..kernels.philox_constants import (ANGLE_SCALE, COS_COEFFS, LN2_HI, LN2_LO, LOG_COEFFS, PHILOX_M0, PHILOX_M1,
+                                        PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, SIN_COEFFS, SQRT_HALF_BITS,
+                                        UNIFORM_HALF_STEP, UNIFORM_SCALE)
+
+__all__ = ["COS_COEFFS", "LN2_HI", "LN2_LO", "LOG_COEFFS", "SIN_COEFFS", "SQRT_HALF_BITS", "box_muller_ref",
+           "neg2log_ref", "open_unit_ref", "philox4x32_10_ref", "philox_normal_ref", "philox_uint32_ref",
+           "sincos_2pi_ref"]
+
+_M0, _M1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+_W0, _W1 = PHILOX_W0, PHILOX_W1
 _MASK32 = np.uint64(0xFFFFFFFF)
 _F = np.float32
-
-# ln(1 + f) = f + f² · P(f) on f ∈ [√½ − 1, √2 − 1]; P of degree 8 (Chebyshev interpolation, rounded to fp32).
-LOG_COEFFS = tuple(float.fromhex(h) for h in (
-    "-0x1.fffffep-2", "0x1.555554p-2", "-0x1.00020cp-2", "0x1.99a012p-3", "-0x1.548382p-3", "0x1.22ea5ap-3",
-    "-0x1.0cda32p-3", "0x1.048f72p-3", "-0x1.3a4ff6p-4"))
-# sin(πx/2) = x · S(x²), cos(πx/2) = 1 + x² · C(x²) on |x| ≤ ½; S and C of degree 3 in x².
-SIN_COEFFS = tuple(float.fromhex(h) for h in ("0x1.921fb6p+0", "-0x1.4abbbap-1", "0x1.465ec4p-4", "-0x1.2d9b40p-8"))
-COS_COEFFS = tuple(float.fromhex(h) for h in ("-0x1.3bd3ccp+0", "0x1.03c1eap-2", "-0x1.55cb98p-6", "0x1.db6492p-11"))
-# ln 2 = LN2_HI + LN2_LO with LN2_HI's low 12 mantissa bits zero, so e · LN2_HI is exact for |e| < 2^12.
-LN2_HI = float.fromhex("0x1.62e300p-1")
-LN2_LO = float.fromhex("0x1.2fefa4p-17")
-SQRT_HALF_BITS = 0x3F3504F3  # fp32 bits of √½: the mantissa is reduced to [√½, √2)
 
 
 def philox4x32_10_ref(block: np.ndarray, stream: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -35,7 +33,7 @@ def philox4x32_10_ref(block: np.ndarray, stream: int, seed: int) -> tuple[np.nda
     c2 = np.full_like(c0, stream & 0xFFFFFFFF)
     c3 = np.full_like(c0, (stream >> 32) & 0xFFFFFFFF)
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for _ in range(10):
+    for _ in range(PHILOX_ROUNDS):
         product0, product1 = _M0 * c0, _M1 * c2  # < 2^64: exact in uint64
         hi0, lo0 = product0 >> np.uint64(32), product0 & _MASK32
         hi1, lo1 = product1 >> np.uint64(32), product1 & _MASK32
@@ -52,7 +50,7 @@ def philox_uint32_ref(n: int, seed: int, stream: int = 0, offset: int = 0) -> np
 
 def open_unit_ref(bits: np.ndarray) -> np.ndarray:
     """u = fl32((bits >> 8) · 2^-24 + 2^-25): in (0, 1] (the top argument rounds to 1, where z = ±0)."""
-    return (bits >> np.uint32(8)).astype(np.float32) * _F(2.0**-24) + _F(2.0**-25)
+    return (bits >> np.uint32(8)).astype(np.float32) * _F(UNIFORM_SCALE) + _F(UNIFORM_HALF_STEP)
 
 
 def _horner(x: np.ndarray, coeffs: tuple) -> np.ndarray:
@@ -78,7 +76,7 @@ def sincos_2pi_ref(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     exact remainder x = 4u − j = (2d + 1)/2^23, |x| ≤ ½, as an fp32 value."""
     k = (np.asarray(bits, dtype=np.uint32) >> np.uint32(8)).astype(np.int32)
     j = (k + np.int32(1 << 21)) >> np.int32(22)
-    x = (np.int32(2) * (k - (j << np.int32(22))) + np.int32(1)).astype(np.float32) * _F(2.0**-23)
+    x = (np.int32(2) * (k - (j << np.int32(22))) + np.int32(1)).astype(np.float32) * _F(ANGLE_SCALE)
     x2 = x * x
     s = x * _horner(x2, SIN_COEFFS)
     c = _F(1.0) + x2 * _horner(x2, COS_COEFFS)

@@ -9,9 +9,13 @@ Box-Muller pair is computed once; the tile table (tensor, first element) is buil
 import triton
 import triton.language as tl
 
-from ...reference.philox_ref import COS_COEFFS, LN2_HI, LN2_LO, LOG_COEFFS, SIN_COEFFS, SQRT_HALF_BITS
+from ..philox_constants import (ANGLE_SCALE, COS_COEFFS, LN2_HI, LN2_LO, LOG_COEFFS, PHILOX_M0, PHILOX_M1, PHILOX_W0,
+                                PHILOX_W1, SIN_COEFFS, SQRT_HALF_BITS, UNIFORM_HALF_STEP, UNIFORM_SCALE)
 
-# Copies of csrc/philox.h's coefficients (tests compare them with the header), as constexpr for the kernel.
+# kernels/philox_constants.py (the Python source of the constants; tests compare it with csrc/philox.h), as
+# constexpr for the kernel.
+M0, M1, W0, W1 = (tl.constexpr(c) for c in (PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1))
+U_SCALE, U_HALF_STEP, X_SCALE = (tl.constexpr(c) for c in (UNIFORM_SCALE, UNIFORM_HALF_STEP, ANGLE_SCALE))
 L0, L1, L2, L3, L4, L5, L6, L7, L8 = (tl.constexpr(c) for c in LOG_COEFFS)
 S0, S1, S2, S3 = (tl.constexpr(c) for c in SIN_COEFFS)
 C0, C1, C2, C3 = (tl.constexpr(c) for c in COS_COEFFS)
@@ -28,12 +32,12 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     for _ in tl.static_range(10):
         a0 = c0
         a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        c0 = tl.umulhi(a2, M1) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, M0) ^ c3 ^ k1
+        c1 = a2 * M1
+        c3 = a0 * M0
+        k0 = k0 + W0
+        k1 = k1 + W1
     return c0, c1, c2, c3
 
 
@@ -56,11 +60,11 @@ def _neg2log(u):
 
 @triton.jit
 def _box_muller(a, b):
-    u1 = (a >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08 + 2.98023223876953125e-08
+    u1 = (a >> 8).to(tl.int32).to(tl.float32) * U_SCALE + U_HALF_STEP
     radius = tl.sqrt_rn(_neg2log(u1))
     k = (b >> 8).to(tl.int32)
     j = (k + (1 << 21)) >> 22
-    x = (2 * (k - (j << 22)) + 1).to(tl.float32) * 1.1920928955078125e-07
+    x = (2 * (k - (j << 22)) + 1).to(tl.float32) * X_SCALE
     x2 = x * x
     s = x2 * S3 + S2
     s = s * x2 + S1
