@@ -19,7 +19,7 @@ import torch
 
 from ..estimators.mezo import mezo_step
 from ..estimators.svrg import ZOSVRG
-from ..reference.mezo_ref import first_order_step
+from .common import first_order_step
 from . import lm, lm_prompt
 from .common import (CsvLog, TimedProgress, load_checkpoint, plot_curves, restore_rng_state, rng_state,
                      save_checkpoint_atomic)
