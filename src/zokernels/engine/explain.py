@@ -68,7 +68,8 @@ def explain(model: torch.nn.Module, batch: Any, *, output_loss=None, model_input
                     result.parameters.append({"name": node.name, "seed": _seed_of(node)})
                 else:
                     result.ops.append({"index": node.index, "op": canonical(node.func) if node.func else "item",
-                                       "where": node.where, "rule": _rule_of(node)})
+                                       "where": node.where or "(no module: the loss or model code)",
+                                       "rule": _rule_of(node)})
         finally:
             rec.close()
     return result
