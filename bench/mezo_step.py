@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from zokernels import ZOSVRG, mezo_step  # noqa: E402
 from zokernels.apps import lm  # noqa: E402
-from zokernels.reference.mezo_ref import first_order_step  # noqa: E402
+from zokernels.apps.common import first_order_step  # noqa: E402
 
 from benchlib import append_csv_rows, best_time, run_metadata  # noqa: E402
 

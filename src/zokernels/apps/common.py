@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,14 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         correct += (model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum().item()
     model.train(was_training)
     return correct / max(1, len(y))
+
+
+def first_order_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+                     optimizer: torch.optim.Optimizer) -> float:
+    """The first-order baseline on the same training loop as the ZO methods: backprop and one optimizer step;
+    returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

@@ -1,11 +1,10 @@
 """Reference twins of the MeZO sweeps: one tensor at a time, z materialized explicitly by a sampler
 (numel, seed, stream, offset) -> float32 tensor, every rounding written out. With the sampler the fast path uses
-(zokernels.philox.philox_normal), the fused sweeps must match these bit for bit; and the first-order baseline
-that runs on the same training loop."""
+(zokernels.philox.philox_normal), the fused sweeps must match these bit for bit. (The first-order baseline of the
+training loop is zokernels.apps.common.first_order_step: a helper of the product, not a twin.)"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +71,3 @@ def spsa_gradient_ref(f: Callable[[torch.Tensor], float], theta: torch.Tensor, z
     """Central SPSA estimate (f(θ+μz) − f(θ−μz))/(2μ) · z in float64, z given explicitly."""
     theta, z = theta.double(), z.double()
     return (f(theta + mu * z) - f(theta - mu * z)) / (2.0 * mu) * z
-
-
-def first_order_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-                     optimizer: torch.optim.Optimizer) -> float:
-    """The first-order baseline on the same loop: backprop and one optimizer step; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model, batch)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
