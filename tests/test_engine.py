@@ -215,3 +215,21 @@ def test_engine_selection_and_errors():
     with pytest.raises(ValueError, match="either loss_fn"):
         zokernels.cge_step(tanh_mlp(), batch, loss_fn=zokernels.default_loss, output_loss="mse")
     assert zokernels.cge_step(tanh_mlp(), batch, engine="naive").engine == "naive"
+
+
+def test_explain_lists_every_op_rule_and_the_blockers():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(6, 3)).train()
+    batch = classification_batch(torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    explanation = zokernels.explain(model, batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert explanation.engine == "delta" and not explanation.blockers
+    ops = [row["op"] for row in explanation.ops]
+    assert ops == ["linear", "relu", "dropout", "linear", "cross_entropy"], ops
+    assert "mask" in explanation.ops[2]["rule"] and "1 (ReLU)" in explanation.ops[1]["where"]
+    assert {p["name"] for p in explanation.parameters} == {n for n, _ in model.named_parameters()}
+    assert all("closed-form seed" in p["seed"] for p in explanation.parameters)
+    text = str(explanation)
+    assert all(op in text for op in ops)
+    blocked = zokernels.explain(ParameterBranch(), batch)
+    assert blocked.engine == "naive" and any("Python reads the values of" in b for b in blocked.blockers)
