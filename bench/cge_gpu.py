@@ -154,7 +154,7 @@ def main() -> int:
         return 0
     device = torch.device(args.device)
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict fp32 (DESIGN.md)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict fp32: TF32 would swamp loss differences of size ~mu
     model = resnet20().train().to(device)
     x, y = torch.randn(args.batch, 3, 32, 32, device=device), torch.randint(0, 10, (args.batch,), device=device)
     mask = with_dense_coordinates(model, sample_masks(model, uniform_ratios(model, 0.9),

@@ -1,5 +1,6 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any @triton.jit runs (see ENVIRONMENT.md), so it is set
-here, before test modules import kernel code, unless a GPU run asked for the real compiler."""
+"""Shared fixtures. TRITON_INTERPRET must be set before any @triton.jit runs (set later, launches fail with
+"0 active drivers"), so it is set here, before test modules import kernel code, unless a GPU run asked for the
+real compiler."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ZOKERNELS_TEST_GPU") == "1" else "1")
