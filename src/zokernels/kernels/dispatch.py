@@ -1,5 +1,6 @@
 """Backend choice for one kernel: cuda -> triton -> torch on a GPU, cpu -> torch on CPU (docs/architecture.md),
-restricted to the backends the op implements. A backend asked for explicitly that cannot run raises an error saying why."""
+restricted to the backends the op implements. A backend asked for explicitly that cannot run raises an error saying
+why."""
 from __future__ import annotations
 
 import os
