@@ -215,12 +215,9 @@ def test_failing_output_loss_on_the_engine_path_follows_the_same_contract(model_
 
 @pytest.mark.parametrize("engine", ["naive", "auto"])
 @pytest.mark.parametrize("mu, what", [(1e-12, "does not move"), (1e39, "overflows")])
-def test_cge_mu_that_moves_no_coordinate_or_overflows_is_named(model_and_batch, request, engine, mu, what):
+def test_cge_mu_that_moves_no_coordinate_or_overflows_is_named(model_and_batch, engine, mu, what):
     """CGE divides by the realized step fl(θ + μ) − θ: a μ below half an ulp of |θ| (h = 0) or beyond the dtype's
     range is refused, naming the coordinate, before it turns into a division by zero or NaN estimates."""
-    if engine == "auto":  # strict: remove once cge_step calls common.check_realized_steps before the engine runs
-        request.applymarker(pytest.mark.xfail(strict=True, reason="engine path (lead): cge_step does not call "
-                                              "check_realized_steps; the engine divides by h = 0 (NaN estimates)"))
     model, batch = model_and_batch
     model.float()
     batch = (batch[0].float(), batch[1])

@@ -12,8 +12,8 @@ from .engine.cge_engine import DENSE_MODES, RecordingFailed, engine_estimates, r
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
 from .estimators.common import (BASE_QUERY, LossFn, QueryGuard, StepResult, batch_misfit, check_choice, check_mask,
-                                check_mu, check_step_batch, default_loss, evaluate_loss, note_query_failure,
-                                trainable_parameters, write_grads)
+                                check_mu, check_realized_steps, check_step_batch, default_loss, evaluate_loss,
+                                note_query_failure, trainable_parameters, write_grads)
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
 from .kernels.dispatch import KERNEL_BACKENDS
 from .philox import _check_seed
@@ -93,6 +93,7 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
         raise ValueError(f"max_memory_bytes must be a positive int, got {max_memory_bytes!r}")
     named = trainable_parameters(model)
     mask = check_mask(mask, named)
+    check_realized_steps(named, mask, mu, scheme)  # a μ that moves no coordinate would divide by zero
     params = [p for _, p in named]
     used_backend = backends.resolve_backend(backend, _model_device(params))
     head = Head(output_loss, batch)
