@@ -212,6 +212,11 @@ def test_app_zero_shot_only_and_named_argument_errors(tmp_path, tok):
     assert lm_train.run(prompt_args(model_dir, tmp_path / "zs", zero_shot_only=True)) == 0
     written = json.loads((tmp_path / "zs" / "zero_shot_result.json").read_text())
     assert 0 <= written["zero_shot"]["test_acc"] <= 1 and not (tmp_path / "zs" / "mezo.csv").exists()
+    assert lm_train.run(prompt_args(model_dir, tmp_path / "skip", no_zero_shot=True, budget_forwards=2,
+                                    params="bias_norm", lr=1e-3)) == 0
+    skipped = json.loads((tmp_path / "skip" / "mezo_result.json").read_text())
+    # bias_norm on LLaMA = the RMSNorm weights (no biases): 2 per layer + the final norm, 32 each
+    assert skipped["zero_shot"] is None and skipped["forwards"] == 2 and skipped["tuned_params"] == (2 * 2 + 1) * 32
     for overrides, match in [({"params": "head"}, "--params head"), ({"params": "bias_norm_head"}, "--params"),
                              ({"label_words": " great"}, "--label-words"),
                              ({"label_words": " terrible, nobody helps"}, "label_words"),

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "parameters) or inplace (MeZO's memory)")
     parser.add_argument("--zero-shot-only", action="store_true",
                         help="causal LMs: report the zero-shot test accuracy (the starting point) and stop")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="causal LMs: skip the zero-shot test pass before training (e.g. when a --zero-shot-only "
+                             "run on the same split already measured it)")
     parser.add_argument("--out", default="runs/lm", help="folder for checkpoint, CSV log and plot")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data splits, the head's init, batches and MeZO seeds")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (and per anchor chunk)")
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mu", type=float, default=1e-3, help="ZO perturbation size")
     parser.add_argument("--lr", type=float, default=None,
                         help="MeZO lr / SVRG η2 / FO lr (default: 1e-5 for mezo and svrg, 1e-4 for fo; causal LMs: "
-                             "1e-6 mezo/svrg and 1e-4 fo on all parameters, 1e-4 mezo/svrg and 1e-2 fo otherwise)")
+                             "1e-6 mezo/svrg and 1e-3 fo on all parameters, 1e-4 mezo/svrg and 1e-2 fo otherwise)")
     parser.add_argument("--lr-anchor", type=float, default=1e-4, help="SVRG η1")
     parser.add_argument("--q", type=int, default=2, help="SVRG anchor period")
     parser.add_argument("--anchor-size", type=int, default=128, help="SVRG full-batch size (≤ 512)")

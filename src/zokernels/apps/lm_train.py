@@ -26,8 +26,8 @@ from .common import (CsvLog, TimedProgress, load_checkpoint, plot_curves, restor
 
 DEFAULT_LR = {"mezo": 1e-5, "svrg": 1e-5, "fo": 1e-4}
 # causal LMs by prompt: (method, whether all parameters are tuned) -> untuned starting points (MeZO's OPT grid:
-# 1e-6 full, 1e-4 LoRA)
-DEFAULT_PROMPT_LR = {("mezo", True): 1e-6, ("svrg", True): 1e-6, ("fo", True): 1e-4,
+# 1e-6 full, 1e-4 LoRA; FO is plain SGD here, not the paper's Adam)
+DEFAULT_PROMPT_LR = {("mezo", True): 1e-6, ("svrg", True): 1e-6, ("fo", True): 1e-3,
                      ("mezo", False): 1e-4, ("svrg", False): 1e-4, ("fo", False): 1e-2}
 FORWARDS_PER_STEP = {"mezo": 2, "fo": 3}  # FO: forward + backward ≈ 3 forwards
 add_arguments = lm.add_arguments  # the CLI reads a program's arguments and entry point from one module
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         state = lm_resume(checkpoint, model, optimizer, generator)
         step, forwards, elapsed = state["step"], state["forwards"], state["seconds"]
         cpu_elapsed, zero_shot = state.get("cpu_seconds", 0.0), state.get("zero_shot")
-    elif task.prompt:
+    elif task.prompt and (getattr(args, "zero_shot_only", False) or not getattr(args, "no_zero_shot", False)):
         # the starting point: the pretrained LM's accuracy by prompt before any update
         zs_started = time.perf_counter()
         acc, loss = task.evaluate(model, data["test"], desc="zero-shot test")
