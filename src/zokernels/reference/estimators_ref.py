@@ -8,13 +8,41 @@ same conventions as the fast paths:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..estimators.common import LossFn, default_loss, trainable_parameters
 from .philox_ref import philox_normal_ref
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """zokernels' default loss written out (the twin of estimators.common.default_loss, without its error
+    messages): a dict batch calls model(**batch) with targets batch["labels"]; a tuple or list calls model(batch[0])
+    with targets batch[1]. The model's own outputs["loss"] when it computed one, else cross-entropy of the logits:
+    the output itself, outputs["logits"], or a tuple's first item."""
+    if isinstance(batch, Mapping):
+        outputs, targets = model(**batch), batch.get("labels")
+    elif isinstance(batch, (tuple, list)):
+        outputs, targets = model(batch[0]), (batch[1] if len(batch) > 1 else None)
+    else:
+        outputs, targets = model(batch), None
+    if isinstance(outputs, Mapping):
+        if isinstance(outputs.get("loss"), torch.Tensor):
+            return outputs["loss"]
+        outputs = outputs["logits"]
+    elif isinstance(outputs, (tuple, list)):
+        outputs = outputs[0]
+    return F.cross_entropy(outputs, targets)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """What the estimators estimate: the floating-point parameters with requires_grad, in named_parameters order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
 
 
 def _loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any) -> float:

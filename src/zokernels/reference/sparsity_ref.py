@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..estimators.common import LossFn, default_loss
-from ..sparsity.zo_grasp import prunable_parameters
+from .estimators_ref import LossFn, default_loss
 from .philox_ref import philox_normal_ref
+
+
+def prunable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, weight) of every Conv and Linear layer with a trainable weight, in module order: what the pruning
+    ratios apply to (the twin of sparsity.zo_grasp.prunable_parameters, without its checks)."""
+    return [(f"{name}.weight" if name else "weight", module.weight) for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)) and module.weight.requires_grad]
 
 
 def _direction(sizes: list[int], seed: int, stream: int, dist: str) -> np.ndarray:
