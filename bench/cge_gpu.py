@@ -23,9 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import append_csv_rows, run_metadata  # noqa: E402
 
-from zokernels.kernels.cuda_graph import query_runner  # noqa: E402
+from zokernels.experimental.cuda_graph import query_runner  # noqa: E402
 from zokernels.kernels.first_layer import BatchNormSpec, coords_from_flat, first_layer_delta  # noqa: E402
-from zokernels.kernels.masked_sgd import MaskedSGD, gather_mask_indices  # noqa: E402
+from zokernels.experimental.masked_sgd import MaskedSGD, gather_mask_indices  # noqa: E402
 from zokernels.kernels.mixing import one_channel_conv2d  # noqa: E402
 from zokernels.models import resnet20  # noqa: E402
 from zokernels.sparsity import sample_masks, uniform_ratios, with_dense_coordinates  # noqa: E402

@@ -163,7 +163,7 @@ def test_mixing_adapter_declines_what_the_kernel_cannot_read():
 
 def test_masked_sgd_takes_the_engines_estimates():
     """docs/gpu_kernels.md's recipe: the engine's estimates at the mask, in index order, into MaskedSGD."""
-    from zokernels.kernels.masked_sgd import MaskedSGD, gather_mask_indices
+    from zokernels.experimental.masked_sgd import MaskedSGD, gather_mask_indices
     model = conv_bn_net()
     twin = copy.deepcopy(model)
     batch = classification_batch(torch.float64, n=4, shape=(2, 6, 6))

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from zokernels import backends
-from zokernels.kernels.cuda_graph import GraphedQuery, query_runner
+from zokernels.experimental.cuda_graph import GraphedQuery, query_runner
 from zokernels.kernels.first_layer import BatchNormSpec, first_layer_delta
-from zokernels.kernels.masked_sgd import MaskedSGD, gather_mask_indices
+from zokernels.experimental.masked_sgd import MaskedSGD, gather_mask_indices
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.kernels_ref import (first_layer_delta_ref, masked_gradients_ref, one_channel_conv2d_ref,
                                              one_channel_linear_ref)

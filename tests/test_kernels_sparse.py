@@ -1,4 +1,4 @@
-"""Sparse mask application (zokernels/kernels/masked_sgd.py), Triton under TRITON_INTERPRET=1 and torch backends,
+"""Sparse mask application (zokernels/experimental/masked_sgd.py), Triton under TRITON_INTERPRET=1 and torch backends,
 against torch.optim.SGD and the twin of zokernels/reference/kernels_ref.py, over several steps on fresh random
 inputs. float64: agreement to rounding (torch may fuse a multiply-add where the kernels round twice)."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from zokernels.backends import _C, availability
 from zokernels.estimators.cge import coordinate_indices
-from zokernels.kernels.masked_sgd import DENSE_BLOCK, MaskedSGD, gather_mask_indices, masked_sgd_, scatter_grad_, \
+from zokernels.experimental.masked_sgd import DENSE_BLOCK, MaskedSGD, gather_mask_indices, masked_sgd_, scatter_grad_, \
     SGDHyper
 from zokernels.reference.kernels_ref import masked_gradients_ref, masked_sgd_ref
 

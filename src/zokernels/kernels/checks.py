@@ -55,5 +55,5 @@ def check_steps(steps, k: int, like: torch.Tensor) -> torch.Tensor:
 
 def capturing() -> bool:
     """True while a CUDA graph capture runs: data-dependent checks (which synchronize with the host) are skipped
-    then; they ran on the warm-up calls with the same shapes (zokernels/kernels/cuda_graph.py)."""
+    then; they ran on the warm-up calls with the same shapes (zokernels/experimental/cuda_graph.py)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -67,13 +67,13 @@ def _dense_sgd_kernel(base_ptr, p_off, g_off, b_off, numel_ptr, chunk_pid_ptr, c
 
 
 def _flags(hyper) -> dict:
-    """hyper: zokernels.kernels.masked_sgd.SGDHyper (its .table is the [4] tensor the kernels read)."""
+    """hyper: zokernels.experimental.masked_sgd.SGDHyper (its .table is the [4] tensor the kernels read)."""
     return dict(WEIGHT_DECAY=hyper.weight_decay != 0, MOMENTUM=hyper.momentum != 0, FIRST=hyper.first_step,
                 NESTEROV=hyper.nesterov)
 
 
 def masked_coordinates_triton(table, index, values, hyper, update: bool, block: int = 1024) -> None:
-    """table: (base tensor, p_off, g_off, b_off) from zokernels.kernels.masked_sgd; index: MaskIndex."""
+    """table: (base tensor, p_off, g_off, b_off) from zokernels.experimental.masked_sgd; index: MaskIndex."""
     base, p_off, g_off, b_off = table
     n = values.shape[0]
     if n == 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
+from ..kernels.dispatch import DTYPE_CODES, choose_backend, cuda_stream
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 DENSE_BLOCK = 1024
@@ -129,7 +129,7 @@ def _run(chosen, params, grads, buffers, index, values, hyper, update: bool, den
     values = values.to(device=params[0].device, dtype=params[0].dtype).contiguous()
     hyper = hyper.with_table(params[0])
     if chosen == "triton":
-        from .triton.cge_sparse import dense_sgd_triton, masked_coordinates_triton
+        from ..kernels.triton.cge_sparse import dense_sgd_triton, masked_coordinates_triton
         base = params[0]
         table = (base, _offset_table(base, params), _offset_table(base, grads), _offset_table(base, buffers))
         if dense:
