@@ -102,8 +102,6 @@ def within(values, ref, bound):
 @pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_update_matches_float64_twin(case, q, dtype):
-    if dtype == "fp64" and q == 3:
-        pytest.skip("fp64 runs at q = 1 only (time)")
     model, params, groups, closure = make_problem(DTYPES[dtype], case in GROUPED)
     opt = CASES[case](groups, q)
     ratios, accepted_any = [], False
