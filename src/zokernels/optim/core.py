@@ -506,8 +506,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- memory --
     def memory_formula(self) -> dict[str, int]:
         """Extra bytes of a step over inference, from the stated formula: the restore copy of the active tensors
-        (their dtype), the persistent fp32 state (estimator + rule, all tensors), and a bound on transient fp32
-        buffers (`transient_buffers` × 4 × largest tensor numel; 0 on the pure sweep path)."""
+        (their dtype; with layer sampling the largest k layers), the persistent fp32 state (estimator + rule, all
+        tensors), the saved RNG states (start and after the first call), and a bound on transient fp32 buffers
+        (`transient_buffers()` × 4 × largest tensor numel; 0 on the pure sweep path)."""
         params = self._params()
         layers = self._layers()
         sizes = sorted((sum(params[i].numel() * params[i].element_size() for i in layer) for layer in layers),
@@ -515,10 +516,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         copy = sum(sizes[:self.layers_per_step]) if self.layers_per_step else sum(sizes)
         numel = sum(p.numel() for p in params)
         state = (self.estimator_state_bytes + self.rule.state_bytes_per_param(self)) * numel
-        largest = max(p.numel() for p in params)
-        return {"restore_copy": copy, "state": state,
-                "transient_bound": self.transient_buffers() * 4 * largest,
-                "total_bound": copy + state + self.transient_buffers() * 4 * largest}
+        rng = 2 * torch.get_rng_state().numel()
+        if params[0].device.type == "cuda":
+            rng += 2 * torch.cuda.get_rng_state(params[0].device).numel()
+        transient = self.transient_buffers() * 4 * max(p.numel() for p in params)
+        return {"restore_copy": copy, "state": state, "rng": rng, "transient_bound": transient,
+                "total_bound": copy + state + rng + transient}
 
     def transient_buffers(self) -> int:
         """Upper bound on simultaneously live fp32 buffers of one tensor's size during a step (from the code)."""
