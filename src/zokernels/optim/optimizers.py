@@ -164,6 +164,12 @@ class HiZOO(ZOOptimizer):
         for p in self._params():
             self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "t"):  # after __init__: the new tensors start at H = 1 like the others
+            for p in self.param_groups[-1]["params"]:
+                self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+
     def _inv_sqrt(self, i: int) -> torch.Tensor:
         """fl32(1/fl32(√H)). torch's fp32 sqrt on CPU is not always correctly rounded (1 ulp off, measured), so √H is
         taken in fp64 and rounded to fp32: an fp64 sqrt within 1 ulp rounds to the correctly rounded fp32 root
