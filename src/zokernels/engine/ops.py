@@ -12,7 +12,7 @@ _DUNDER = {"__add__": "add", "__radd__": "add", "__iadd__": "add", "__sub__": "s
            "__rmatmul__": "rmatmul", "__getitem__": "getitem", "__setitem__": "setitem", "__neg__": "neg",
            "__pow__": "pow", "__ipow__": "pow"}
 _ALIASES = {"multiply": "mul", "divide": "div", "true_divide": "div", "subtract": "sub", "negative": "neg",
-            "mm": "matmul", "bmm": "matmul", "relu6": "relu6", "swapaxes": "transpose", "swapdims": "transpose",
+            "mm": "matmul", "bmm": "matmul", "spmm": "matmul", "relu6": "relu6", "swapaxes": "transpose", "swapdims": "transpose",
             "concat": "cat", "concatenate": "cat", "clip": "clamp", "absolute": "abs", "dropout1d": "dropout",
             "dropout2d": "dropout", "dropout3d": "dropout", "feature_dropout": "dropout"}
 _CACHE: dict = {}

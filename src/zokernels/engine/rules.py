@@ -130,8 +130,11 @@ def _elementwise(node, ctx, deltas):
     y = node.value
     if not is_float(y) or y.shape != x.shape:
         return NotImplemented
-    xb = math.base_like(x, d)
     rest, kwargs = constant_arguments(node)
+    if d.channels is not None and any(isinstance(t, torch.Tensor) and t.numel() > 1
+                                      for t in (*rest, *kwargs.values())):
+        d = Delta(d.dense(x))  # tensor arguments broadcast against the whole input, not one gathered channel
+    xb = math.base_like(x, d)
     perturbed = node.func(xb + d.values.to(xb.dtype), *rest, **kwargs)
     return Delta(perturbed - math.base_like(y, d), d.channels)
 
@@ -142,9 +145,9 @@ def _dropout(node, ctx, deltas):
     if not only_first_changes(node, deltas):
         return NotImplemented
     x, d = first(node, deltas)
-    if node.noise is not None:
+    if node.noise is not None:  # never re-drawn: the base evaluation's noise, in every form
         if d.perturbed:
-            return NotImplemented
+            return Delta(d.values * node.noise, perturbed=True)
         return Delta(d.values * math.base_like(node.noise.expand_as(x), d), d.channels)
     if node.rng_state is None and torch.equal(node.value, x):
         return d  # eval mode (or p = 0): the identity
@@ -321,14 +324,15 @@ def _matmul(node, ctx, deltas):
     if da is NotImplemented or db is NotImplemented:
         return NotImplemented
     va, vb = value(a), value(b)
+    # batched over the replica axis with vmap: a leading axis would change what matmul means for a vector operand
     out = None
     if da is not None:
-        out = torch.matmul(da, vb)
+        out = torch.vmap(torch.matmul, in_dims=(0, None))(da, vb)
     if db is not None:
-        term = torch.matmul(va, db)
+        term = torch.vmap(torch.matmul, in_dims=(None, 0))(va, db)
         out = term if out is None else out + term
     if da is not None and db is not None:
-        out = out + torch.matmul(da, db)
+        out = out + torch.vmap(torch.matmul)(da, db)
     return _shaped(out, node)
 
 
@@ -662,8 +666,8 @@ def _pad(node, ctx, deltas):
     x, d = first(node, deltas)
     pad, mode = list(a["pad"]), a.get("mode", "constant")
     spatial = x.dim() - 2
-    if d.channels is not None and mode == "constant" and len(pad) <= 2 * (spatial + 1):
-        channel_pad = pad[2 * spatial:2 * spatial + 2] if len(pad) > 2 * spatial else [0, 0]
+    channel_pad = pad[2 * spatial:2 * spatial + 2] if len(pad) > 2 * spatial else [0, 0]
+    if d.channels is not None and mode == "constant" and len(pad) <= 2 * (spatial + 1) and min(channel_pad) >= 0:
         values = d.values
         if any(pad[:2 * spatial]):
             values = F.pad(values, pad[:2 * spatial], "constant", 0.0)
