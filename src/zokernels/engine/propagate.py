@@ -76,6 +76,8 @@ def _call(node: Node, substitute: dict) -> object:
 
 
 def generic_delta(node: Node, ctx: Context, deltas: dict) -> Delta | MultiDelta:
+    if node.noise is not None:  # re-running a dropout would draw a new mask: only its rule may carry it
+        raise PropagationError(f"{node.describe()}: dropout with recorded noise reached the generic path")
     loads = _loads(node, deltas)
     order = list(loads)
     k = loads[order[0]].shape[0]
