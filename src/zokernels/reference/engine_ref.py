@@ -1,4 +1,5 @@
-"""Slow, obviously-correct twins of the engine's fused CPU kernels (zokernels/engine/fused.py)."""
+"""Slow, obviously-correct twins of the engine's fused CPU kernels (zokernels/engine/fused.py), and the generic twin
+of every op rule and parameter seed (zokernels/engine/rules.py, seeds.py): `op_delta_ref`."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +34,30 @@ def residual_relu_delta_ref(a: torch.Tensor, b: torch.Tensor | None, y: torch.Te
     """ReLU(y + a + b) − ReLU(y) in float64, both sides formed."""
     total = a.double() + (0 if b is None else b.double())
     return torch.relu(y.double() + total) - torch.relu(y.double())
+
+
+def op_delta_ref(fn, inputs, deltas, rng_seed: int | None = None) -> torch.Tensor:
+    """The generic twin of every delta rule (engine/rules.py) and parameter seed (engine/seeds.py):
+    fn(x + δ_k) − fn(x) for each replica k, both sides evaluated in float64 and subtracted.
+
+    inputs: the op's tensor inputs x (any float dtype; upcast to float64); deltas: one [K, *x.shape] tensor per
+    input, or None where that input does not change. fn must build its constants (weights, buffers) in the dtype
+    of its inputs, so that it runs in float64 here. rng_seed: for random ops (dropout), the seed set before each
+    evaluation, so that every evaluation draws what the base evaluation drew. Inputs are copied before every call
+    (fn may write them in place). Returns [K, *fn(x).shape] in float64: the exact difference of the two float64
+    outputs (of the outputs as fn rounds them, when fn casts to a narrower dtype)."""
+    def evaluate(args):
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
+        return fn(*args).to(torch.float64)
+
+    with torch.no_grad():
+        base_inputs = [x.to(torch.float64, copy=True) if x.is_floating_point() else x for x in inputs]
+        replicas = next(d for d in deltas if d is not None).shape[0]
+        base = evaluate([x.clone() for x in base_inputs])
+        changes = []
+        for k in range(replicas):
+            moved = [x + d[k].to(torch.float64) if d is not None else x.clone()
+                     for x, d in zip(base_inputs, deltas)]
+            changes.append(evaluate(moved) - base)
+    return torch.stack(changes)
