@@ -233,3 +233,33 @@ def test_explain_lists_every_op_rule_and_the_blockers():
     assert all(op in text for op in ops)
     blocked = zokernels.explain(ParameterBranch(), batch)
     assert blocked.engine == "naive" and any("Python reads the values of" in b for b in blocked.blockers)
+
+
+class CastLikeInput(nn.Module):
+    """A constant cast to the input's dtype/device and a zeros_like: neither depends on the input's values, so
+    the ops after them keep their closed forms (BN here) instead of the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.register_buffer("scale", torch.full((5,), 2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = h * self.scale.to(h) + torch.zeros_like(h)
+        return self.bn(h)
+
+
+def test_casts_like_a_tensor_are_constants_of_the_tape():
+    model, batch = CastLikeInput(), classification_batch(torch.float32, classes=5)
+    explanation = zokernels.explain(model, batch)
+    ops = [row["op"] for row in explanation.ops]
+    assert "to" not in ops and "zeros_like" not in ops, ops
+    expected = cge_ref(copy.deepcopy(model).double(), (batch[0].double(), batch[1]), mu=5e-3)
+    zokernels.cge_step(model, batch, mu=5e-3, update_running_stats=False)
+    engine = {n: p.grad.clone() for n, p in model.named_parameters()}
+    zokernels.cge_step(model, batch, mu=5e-3, engine="naive", update_running_stats=False)
+    engine_error = max((engine[n].double() - expected[n]).abs().max() for n in expected)
+    naive_error = max((p.grad.double() - expected[n]).abs().max() for n, p in model.named_parameters())
+    assert engine_error <= naive_error

@@ -176,8 +176,8 @@ case("x.bfloat16()", "bfloat16", lambda x: x.bfloat16())
 case("x.to(float64)", "to", lambda x: x.to(torch.float64))
 case("x.to(dtype=float16)", "to", lambda x: x.to(dtype=torch.float16))
 case("x.type(float64)", "type", lambda x: x.type(torch.float64))
-# c.to(x) reads only x's dtype, but the tape records it as reading x: a zero δ from the generic path
-case("x * c.to(x)", "to", lambda x, c0=const(*X4): x * c0.to(x), generic=True)
+# c.to(x) reads only x's dtype and device: a constant of the tape, so the product keeps the mul rule
+case("x * c.to(x)", "mul", lambda x, c0=const(*X4): x * c0.to(x))
 
 # ---- dropout and identities --------------------------------------------------------------------------------------
 case("F.dropout(train)", "dropout", lambda x: F.dropout(x, 0.3, training=True), random=True)

@@ -46,6 +46,14 @@ VALUE_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, to
                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.__array__,
                torch.Tensor.__format__, torch.Tensor.__repr__, torch.equal, torch.Tensor.__complex__}
 
+# Calls whose result depends on a tensor's shape, dtype or device only (`torch.zeros_like(x)`, `x.new_empty(...)`):
+# constants of the tape, like any tensor made without a parameter-dependent value.
+SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+              torch.randn_like, torch.randint_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+              torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor}
+# Casts that read their other tensor argument for its dtype and device only (`c.to(x)`, `c.type_as(x)`).
+CASTS = {torch.Tensor.to, torch.Tensor.type_as}
+
 # dropout(input, p, training, inplace) family: output = input * noise, noise drawn from shape alone.
 DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 _SIGNATURES: dict[Any, inspect.Signature | None] = {}
@@ -253,8 +261,10 @@ class Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in METADATA_READS:
+        if func in METADATA_READS or func in SHAPE_ONLY:
             return func(*args, **kwargs)
+        if func in CASTS and args and isinstance(args[0], torch.Tensor) and self._lookup(args[0], "") is None:
+            return func(*args, **kwargs)  # a constant cast like x: its values do not depend on x's
         leaves, spec = tree_flatten((args, kwargs))
         name = resolve_name(func) or getattr(func, "__name__", repr(func))
         sources = [self._lookup(t, name) if isinstance(t, torch.Tensor) else None for t in leaves]
