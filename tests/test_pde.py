@@ -117,7 +117,7 @@ def test_batched_sparse_cge_equals_cge_step_through_black_box(references):
     # Reference measured here: the naive float32 difference's error for this rollout, from the float32 torch twin
     # of the solver against the twin in float64. Both estimates are such differences through PhiFlow, so
     # |batched − api| ≤ err(batched) + err(api), each within ~2x the twin's (PhiFlow's own float32 error is 2.1x
-    # the twin's): 4x. Seen: 0.1–0.2 of it on AVX2 and AVX-512.
+    # the twin's): 4x. Seen: 0.05–0.08 of it on AVX2 and AVX-512.
     def twin_loss(m, batch):
         return rollout_loss_batched(_twin, [p.unsqueeze(0) for p in m.parameters()], *batch)[0]
 
