@@ -32,6 +32,9 @@ _TEMPORARIES_PER_ACTIVATION = 6  # live delta + rule intermediates, per replica
 # per run, so K, and with it every estimate's last bits, never depends on machine load (convolutions round
 # differently at different batch sizes): runs and resumes stay bit-reproducible.
 PASS_ACTIVATION_BYTES = 64 << 20
+# For small activations the caps above allow thousands of replicas; passes are padded to K, so a parameter with few
+# selected coordinates would pay for all of them. 256 keeps tiny models' passes few and their padding cheap.
+MAX_REPLICAS_PER_PASS = 256
 DENSE_MODES = ("perturbed", "delta")
 
 
@@ -164,7 +167,7 @@ def replicas_per_pass(tape: Tape, begin: int, max_memory_bytes: int) -> int:
     budget = max_memory_bytes - 2 * cached
     largest = max((size(n.value) for n in tape.nodes[begin:] if n.kind != "param"), default=1) or 1
     by_memory = int(budget // (largest * _TEMPORARIES_PER_ACTIVATION))
-    return max(1, min(by_memory, PASS_ACTIVATION_BYTES // largest))
+    return max(1, min(by_memory, PASS_ACTIVATION_BYTES // largest, MAX_REPLICAS_PER_PASS))
 
 
 @torch.no_grad()
@@ -176,8 +179,10 @@ def estimate_parameter(rec: Recording, name: str, param: torch.Tensor, indices: 
     if indices.numel() == 0 or not param_node.users:  # the loss does not read this parameter: exactly zero
         return estimate.view_as(param).to(param.dtype)
     begin = min(rec.tape.position[u] for u in param_node.users)
-    # a parameter with fewer coordinates than K runs them all in one unpadded pass
-    k = min(replicas_per_pass(rec.tape, begin, budget), indices.numel())
+    # K depends on the model and the budget, never on how many coordinates are selected, and every pass is padded
+    # to K: a coordinate's estimate is then bitwise the same whichever others are selected with it (a sharded
+    # step equals one process's, whatever the shards)
+    k = replicas_per_pass(rec.tape, begin, budget)
     for chunk in indices.split(k):
         real = chunk.numel()
         if real < k:  # pad with repeats: every pass has K replicas, so no estimate depends on its neighbours
