@@ -246,6 +246,31 @@ def _layer_norm(node, ctx, deltas):
     return Delta(out)
 
 
+@rule("instance_norm", describe="exact: per-sample, per-channel statistics formed from δ (the BN closed form over the "
+                                "spatial axes); keeps one channel")
+def _instance_norm(node, ctx, deltas):
+    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed:
+        return NotImplemented
+    a = arguments(node, ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum",
+                         "eps"))
+    x, d = first(node, deltas)
+    if not a.get("use_input_stats", True) or x.dim() < 3:
+        return NotImplemented  # running statistics: the generic path (rare: InstanceNorm with track_running_stats)
+    spatial = tuple(range(2, x.dim()))
+    eps = a.get("eps", 1e-5)
+
+    def statistics():
+        var, mean = torch.var_mean(x, dim=spatial, correction=0, keepdim=True)
+        return x - mean, torch.sqrt(var + eps)
+    centered, root = ctx.cached(node, "instance_statistics", statistics)
+    weight = value(a.get("weight"))
+    first_spatial = 2 if d.channels is not None else 3
+    reduce = tuple(range(first_spatial, d.values.dim()))
+    gamma = None if weight is None else math.per_channel(weight, d, x)
+    out = math.normalization_delta(d.values, math.base_like(centered, d), math.base_like(root, d), reduce, gamma)
+    return Delta(out, d.channels)
+
+
 @rule("group_norm", describe="exact: per-sample, per-group statistics formed from δ (the BN closed form)")
 def _group_norm(node, ctx, deltas):
     if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed:
@@ -723,9 +748,14 @@ def _cross_entropy(node, ctx, deltas):
     logits, d = first(node, deltas)
     target = value(a["target"])
     if value(a.get("weight")) is not None or a.get("label_smoothing", 0.0) or a.get("size_average") is not None \
-            or a.get("reduce") is not None or logits.dim() != 2 or target.dtype != torch.long \
-            or a.get("reduction", "mean") not in ("mean", "sum"):
+            or a.get("reduce") is not None or logits.dim() < 2 or target.dtype != torch.long \
+            or target.shape != (logits.shape[0], *logits.shape[2:]) or a.get("reduction", "mean") not in ("mean", "sum"):
         return NotImplemented
+    if logits.dim() > 2:  # per-pixel / per-token classes: one row per position, classes last (as torch reduces)
+        classes = logits.shape[1]
+        logits, target = logits.movedim(1, -1).reshape(-1, classes), target.reshape(-1)
+        d = Delta(d.values.reshape(d.replicas, -1), d.channels) if d.channels is not None else \
+            Delta(d.values.movedim(2, -1).reshape(d.replicas, -1, classes))
     change = math.cross_entropy_delta(logits, target, d, a.get("ignore_index", -100), a.get("reduction", "mean"))
     return Delta(change.to(node.value.dtype))
 

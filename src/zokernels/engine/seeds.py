@@ -49,10 +49,12 @@ def _conv_seed(user, param_node, idx, h, ctx):
     spatial = y.shape[2:]
     if role == "bias":
         return Delta(h.view(-1, 1, *([1] * len(spatial))).expand(-1, y.shape[0], *spatial).clone(), idx)
-    if role != "weight" or isinstance(geometry.get("padding", 0), str) or user.func not in (F.conv1d, F.conv2d) \
+    weight = param_node.value
+    if isinstance(geometry.get("padding", 0), str):
+        geometry["padding"] = _explicit_padding(geometry, weight.shape[2:])
+    if role != "weight" or geometry["padding"] is None or user.func not in (F.conv1d, F.conv2d) \
             or isinstance(user.args[0], Node) and user.args[0] is param_node:
         return None
-    weight = param_node.value
     patches = ctx.cached(user, "patches", lambda: _patches(user.func, x, weight.shape[2:], geometry))
     kernel = pymath.prod(weight.shape[2:])
     per_out = weight[0].numel()
@@ -63,6 +65,20 @@ def _conv_seed(user, param_node, idx, h, ctx):
     values = patches.index_select(1, rows).transpose(0, 1)  # [K, B, L]
     return Delta(values.reshape(len(idx), y.shape[0], *spatial) * h.view(-1, 1, *([1] * len(spatial))),
                  out_channel)
+
+
+def _explicit_padding(geometry: dict, kernel) -> tuple | None:
+    """'valid' / 'same' as the symmetric padding torch applies, or None where 'same' pads unevenly (even kernel
+    extent) and unfold cannot express it."""
+    mode = geometry["padding"]
+    if mode == "valid":
+        return tuple(0 for _ in kernel)
+    dilation = geometry.get("dilation", 1)
+    dilation = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * len(kernel)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    if mode != "same" or any(t % 2 for t in totals):
+        return None
+    return tuple(t // 2 for t in totals)
 
 
 def _patches(conv, x: torch.Tensor, kernel, geometry: dict) -> torch.Tensor:
