@@ -50,7 +50,8 @@ def rows_of(root: Path) -> list[dict]:
 def _split(a: dict) -> dict:
     return {"model": a.get("model_dir") or a.get("model"), "seed": a["seed"], "n_train": a["n_train"],
             "n_val": a["n_val"], "n_test": a["n_test"], "batch_size": a["batch_size"], "max_length": a["max_length"],
-            "budget_forwards": a["budget_forwards"], "mezo_mode": a.get("mezo_mode"), "template": a.get("template")}
+            "budget_forwards": a["budget_forwards"], "mezo_mode": a.get("mezo_mode"),
+            "template": (a.get("template") or "").replace("\n", "\\n")}
 
 
 def fmt(value, spec: str) -> str:
