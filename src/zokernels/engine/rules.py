@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 from . import delta as math
 from . import fused
 from .delta import Delta
+from .ops import canonical
 from .tape import Node, bound_arguments
 
 
@@ -170,7 +171,6 @@ def batchnorm_uses_batch_stats(a: dict) -> bool:
 
 
 def only_user_is_relu(node: Node) -> bool:
-    from .ops import canonical
     users = [u for u in node.users]
     return len(users) == 1 and users[0].kind == "call" and canonical(users[0].func) == "relu" \
         and users[0].args[0] is node and len(users[0].inputs) == 1
@@ -348,17 +348,23 @@ def _matmul(node, ctx, deltas):
     db = _dense_or_none(b, deltas)
     if da is NotImplemented or db is NotImplemented:
         return NotImplemented
-    va, vb = value(a), value(b)
     # batched over the replica axis with vmap: a leading axis would change what matmul means for a vector operand
-    out = None
+    def times(x, y, x_changes, y_changes):
+        return torch.vmap(torch.matmul, in_dims=(0 if x_changes else None, 0 if y_changes else None))(x, y)
+    return _shaped(_bilinear(value(a), value(b), da, db, times), node)
+
+
+def _bilinear(a, b, da, db, times) -> torch.Tensor | None:
+    """δ(a∘b) = δa∘b + a∘δb + δa∘δb for a bilinear ∘ given as times(x, y, x_changes, y_changes): exact, no two
+    nearly equal products are subtracted. None when neither operand changed."""
+    terms = []
     if da is not None:
-        out = torch.vmap(torch.matmul, in_dims=(0, None))(da, vb)
+        terms.append(times(da, b, True, False))
     if db is not None:
-        term = torch.vmap(torch.matmul, in_dims=(None, 0))(va, db)
-        out = term if out is None else out + term
+        terms.append(times(a, db, False, True))
     if da is not None and db is not None:
-        out = out + torch.vmap(torch.matmul)(da, db)
-    return _shaped(out, node)
+        terms.append(times(da, db, True, True))
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _dense_or_none(x, deltas):
@@ -492,14 +498,7 @@ def _mul(node, ctx, deltas):
     if terms is NotImplemented:
         return NotImplemented
     a, b, da, db = terms
-    out = None
-    if da is not None:
-        out = da * b
-    if db is not None:
-        out = a * db if out is None else out + a * db
-    if da is not None and db is not None:
-        out = out + da * db
-    return _shaped(out, node)
+    return _shaped(_bilinear(a, b, da, db, lambda x, y, *_: x * y), node)
 
 
 @rule("div", describe="linear in the numerator: δa / b")
@@ -774,5 +773,4 @@ def _mse(node, ctx, deltas):
 
 
 def canonical_name(node: Node) -> str:
-    from .ops import canonical
     return canonical(node.func)

@@ -113,11 +113,17 @@ def _batch_norm_seed(user, param_node, idx, h, ctx):
     if role not in ("weight", "bias"):
         return None
     a = arguments(user, BN_ARGS)
-    x, y = value(a["input"]), user.value
+    return _channel_affine_seed(user, role, idx, h, ctx, lambda: _normalized(value(a["input"]), a))
+
+
+def _channel_affine_seed(user, role: str, idx, h, ctx, normalize) -> Delta:
+    """A per-channel affine after a normalization (BN, GN): bias c moves channel c by h; weight c moves it by
+    h·x̂[:, c], x̂ = normalize() (computed once per node and step). One-channel form."""
+    y = user.value
     shape = (-1,) + (1,) * (y.dim() - 1)
     if role == "bias":
         return Delta(h.view(shape).expand(-1, y.shape[0], *y.shape[2:]).clone(), idx)
-    normalized = ctx.cached(user, "normalized_input", lambda: _normalized(x, a))
+    normalized = ctx.cached(user, "normalized_input", normalize)
     return Delta(normalized.index_select(1, idx).transpose(0, 1) * h.view(shape), idx)
 
 
@@ -154,13 +160,8 @@ def _group_norm_seed(user, param_node, idx, h, ctx):
     role = _role(user, param_node, ("input", "num_groups", "weight", "bias", "eps"))
     if role not in ("weight", "bias"):
         return None
-    y = user.value
-    shape = (-1,) + (1,) * (y.dim() - 1)
-    if role == "bias":
-        return Delta(h.view(shape).expand(-1, y.shape[0], *y.shape[2:]).clone(), idx)
-    normalized = ctx.cached(user, "normalized_input", lambda: F.group_norm(
+    return _channel_affine_seed(user, role, idx, h, ctx, lambda: F.group_norm(
         value(a["input"]), a["num_groups"], None, None, a.get("eps", 1e-5)))
-    return Delta(normalized.index_select(1, idx).transpose(0, 1) * h.view(shape), idx)
 
 
 def _embedding_seed(user, param_node, idx, h, ctx):
