@@ -266,15 +266,20 @@ def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active
     """The closure calls of one step and the scalars they give (see each estimator in ZOOptimizer's docstring)."""
     mu, q, kind, clip, seed = opt.mu, opt.q, opt.estimator, opt.clip, opt.seed
     grads, coeffs = [], []
+
+    def two_sided(j: int) -> tuple[float, float]:
+        """The losses at θ + μu_j and θ − μu_j (central and HiZOO share these queries)."""
+        dirs.write_points(active, backup, j, mu)
+        plus = queries.loss(direction_query(j, seed, "+", f" (step {info.step})"))
+        dirs.write_points(active, backup, j, -mu)
+        return plus, queries.loss(direction_query(j, seed, "-", f" (step {info.step})"))
+
     if opt.needs_base and kind == "central":
         info.loss = queries.loss(BASE_QUERY)
     if kind == "central":
         means = []
         for j in range(q):
-            dirs.write_points(active, backup, j, mu)
-            plus = queries.loss(direction_query(j, seed, "+", f" (step {info.step})"))
-            dirs.write_points(active, backup, j, -mu)
-            minus = queries.loss(direction_query(j, seed, "-", f" (step {info.step})"))
+            plus, minus = two_sided(j)
             grads.append((plus - minus) / (2.0 * mu))
             means.append((plus + minus) / 2.0)
         if not opt.needs_base:
@@ -300,10 +305,7 @@ def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active
         info.loss = base
         curvature = []
         for j in range(q):
-            dirs.write_points(active, backup, j, mu)
-            plus = queries.loss(direction_query(j, seed, "+", f" (step {info.step})"))
-            dirs.write_points(active, backup, j, -mu)
-            minus = queries.loss(direction_query(j, seed, "-", f" (step {info.step})"))
+            plus, minus = two_sided(j)
             grads.append((plus - minus) / (2.0 * mu))
             curvature.append(abs(plus + minus - 2.0 * base) / (2.0 * mu * mu))
         coeffs = [_clip(g, clip) / q for g in grads]
