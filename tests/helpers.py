@@ -3,6 +3,17 @@ import torch
 from torch import nn
 
 
+def kernel_device(backend: str | None) -> torch.device:
+    """Where a test puts the inputs of a `backend` kernel: CUDA for the GPU backends (triton, cuda) in a GPU run
+    (ZOKERNELS_TEST_GPU=1, which turns the Triton interpreter off, with a GPU visible), else the CPU (the Triton
+    interpreter reads CPU tensors). The cpu and torch backends, and backend=None, always get the CPU. Random inputs
+    are drawn on the CPU and moved here, so both runs test the same numbers."""
+    import os
+
+    gpu_run = os.environ.get("ZOKERNELS_TEST_GPU") == "1" and torch.cuda.is_available()
+    return torch.device("cuda" if gpu_run and backend in ("triton", "cuda") else "cpu")
+
+
 def tiny_mlp(dtype=torch.float64, inputs=4, hidden=5, classes=3):
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(dtype)
 

@@ -1,7 +1,10 @@
 """cge_step(..., backend="triton") runs the engine with the GPU kernels (fused layer → BN → ReLU delta, one-channel
 mixing conv) where their pattern holds. Under TRITON_INTERPRET=1 (conftest) the Triton kernels run on CPU tensors:
 the estimates must equal the naive float64 reference, stay within the naive float32 error in float32, actually
-launch the kernels, and fall back to the engine's rules wherever the kernels do not apply."""
+launch the kernels, and fall back to the engine's rules wherever the kernels do not apply. In a GPU run
+(ZOKERNELS_TEST_GPU=1: the interpreter is off) the model, batch and mask of a triton step move to CUDA
+(kernel_device("triton")) after the references were computed on the CPU, and the gradients come back with .cpu()
+to be compared."""
 import copy
 
 import pytest
@@ -13,10 +16,18 @@ from zokernels.backends import availability
 from zokernels.engine import fusion
 from zokernels.reference import cge_ref
 
-from helpers import classification_batch
+from helpers import classification_batch, kernel_device
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(not availability()["triton"].available, reason="the triton backend cannot run here")
+pytestmark = pytest.mark.skipif(not availability()["triton"].available,
+                                reason=f"the triton backend cannot run here: {availability()['triton'].reason}")
+DEVICE = kernel_device("triton")  # where the model, batch and mask of a backend="triton" step live
+
+
+def to_device(model, batch, mask):
+    """The model (moved in place: the same module and Parameter objects), batch and mask on DEVICE; on the CPU the
+    very same objects."""
+    return model.to(DEVICE), tuple(t.to(DEVICE) for t in batch), {n: m.to(DEVICE) for n, m in mask.items()}
 
 
 def conv_bn_net(train=True, dtype=torch.float64):
@@ -76,12 +87,13 @@ def launches(monkeypatch):
 
 def assert_equals_reference(model, batch, mask, scheme="forward", **options):
     expected = cge_ref(model, batch, mu=1e-4, mask=mask, scheme=scheme)
+    model, batch, mask = to_device(model, batch, mask)
     result = zokernels.cge_step(model, batch, mu=1e-4, mask=mask, scheme=scheme, update_running_stats=False,
                                 backend="triton", **options)
     assert result.engine == "delta" and result.backend == "triton"
     for name, p in model.named_parameters():
         # float64, μ = 1e-4, |L| ≲ 1: a few 2⁻⁵³|L|/μ ≈ 1e-12 of rounding on any CPU; atol allows 100 roundings
-        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7, msg=name)
+        torch.testing.assert_close(p.grad.cpu(), expected[name], atol=1e-10, rtol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("train,scheme,dense_mode", [
@@ -108,8 +120,9 @@ def test_triton_path_float32_within_naive_float32_error(launches, train):
     model64 = copy.deepcopy(model).double()
     oracle = {n: g.float() for n, g in cge_ref(model64, (batch[0].double(), batch[1]), mu=5e-3, mask=mask).items()}
     naive32 = cge_ref(model, batch, mu=5e-3, mask=mask)
-    zokernels.cge_step(model, batch, mu=5e-3, mask=mask, update_running_stats=False, backend="triton")
-    kernel32 = {n: p.grad for n, p in model.named_parameters()}
+    model, batch_d, mask_d = to_device(model, batch, mask)
+    zokernels.cge_step(model, batch_d, mu=5e-3, mask=mask_d, update_running_stats=False, backend="triton")
+    kernel32 = {n: p.grad.cpu() for n, p in model.named_parameters()}
     assert launches["first_layer"] >= 2 and launches["mixing"] >= 3, launches
     # measured on this machine against the float64 oracle, pooled over all coordinates: the kernels form exact
     # deltas, so they are held to the naive float32 difference's error (used 0.011–0.017 of it on AVX2/AVX-512)
@@ -150,14 +163,17 @@ def test_mixing_adapter_declines_what_the_kernel_cannot_read():
     values, channels = torch.randn(2, 3, 5, 5), torch.tensor([0, 2])
     conv = nn.Conv2d(3, 4, 3, padding=1)
     geometry = {"stride": 1, "padding": 1, "dilation": 1, "groups": 1}
-    mixed = one_channel_conv2d_delta(Delta(values, channels), conv.weight, geometry, "triton")
+    # the adapter's inputs on the triton kernel's device; the expected conv on the CPU originals
+    values_d, channels_d, weight_d = values.to(DEVICE), channels.to(DEVICE), conv.weight.to(DEVICE)
+    mixed = one_channel_conv2d_delta(Delta(values_d, channels_d), weight_d, geometry, "triton")
     expected = Delta(values, channels).dense(torch.zeros(3, 3, 5, 5)).flatten(0, 1)
-    torch.testing.assert_close(mixed.values.flatten(0, 1), nn.functional.conv2d(expected, conv.weight, padding=1))
-    assert one_channel_conv2d_delta(Delta(values.bfloat16(), channels), conv.weight.bfloat16(), geometry,
+    torch.testing.assert_close(mixed.values.cpu().flatten(0, 1),
+                               nn.functional.conv2d(expected, conv.weight, padding=1))
+    assert one_channel_conv2d_delta(Delta(values_d.bfloat16(), channels_d), weight_d.bfloat16(), geometry,
                                     "triton") is None  # the kernels take float32/float64 only
-    assert one_channel_conv2d_delta(Delta(values.double(), channels), conv.weight, geometry,
+    assert one_channel_conv2d_delta(Delta(values_d.double(), channels_d), weight_d, geometry,
                                     "triton") is None  # mixed dtypes
-    assert one_channel_conv2d_delta(Delta(values, channels), nn.Conv2d(3, 3, 3, groups=3).weight,
+    assert one_channel_conv2d_delta(Delta(values_d, channels_d), nn.Conv2d(3, 3, 3, groups=3).weight.to(DEVICE),
                                     {**geometry, "groups": 3}, "triton") is None
 
 

@@ -1,6 +1,10 @@
-"""Triton CGE kernels (TRITON_INTERPRET=1 on CPU, set by conftest) and the torch backend against the naive twins
-of zokernels/reference/kernels_ref.py, on fresh random inputs. float64 runs must agree to rounding (~1e-12
-relative): same formulas, different summation order. float32 runs are held to the float64 oracle."""
+"""Triton CGE kernels (TRITON_INTERPRET=1 on CPU, set by conftest; on CUDA tensors in a GPU run,
+ZOKERNELS_TEST_GPU=1) and the torch backend against the naive twins of zokernels/reference/kernels_ref.py, on fresh
+random inputs. float64 runs must agree to rounding (~1e-12 relative): same formulas, different summation order.
+float32 runs are held to the float64 oracle. Inputs are drawn on the CPU and moved to kernel_device(backend); the
+twins run on the CPU copies and the kernels' outputs come back with .cpu() to be compared."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,13 +13,30 @@ from zokernels.backends import _C, availability
 from zokernels.kernels.first_layer import BatchNormSpec, _channel_table, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.kernels_ref import first_layer_delta_ref, one_channel_conv2d_ref, one_channel_linear_ref
-from helpers import compile_for_gpus_in_subprocess
+from helpers import compile_for_gpus_in_subprocess, kernel_device
 
 pytest.importorskip("triton")
 # cpu: the C++ twin of the CUDA kernels (csrc/cpu/cge_cpu.cpp, the per-element code the .cu files run)
 HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_first_layer_delta_cpu") and availability()["cpu"].available
-BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
+_TRITON = availability()["triton"]
+# ZOKERNELS_TEST_GPU=1 turns the interpreter off: without a GPU the triton backend cannot run at all
+needs_triton = pytest.mark.skipif(not _TRITON.available, reason=f"the triton backend cannot run here: {_TRITON.reason}")
+BACKENDS = (pytest.param("triton", marks=needs_triton), "torch") + (("cpu",) if HAS_CPU_TWIN else ())
 F64 = torch.float64
+TRITON_DEVICE = kernel_device("triton")
+
+
+def on(device, *tensors):
+    """The tensors on `device` (the same tensor objects when they are there already)."""
+    return tuple(t.to(device) for t in tensors)
+
+
+def bn_on(bn, device):
+    """A BatchNormSpec with its tensors (weight, bias, running statistics) on `device`: the kernels read them."""
+    if bn is None:
+        return None
+    return dataclasses.replace(bn, **{f: getattr(bn, f).to(device) for f in ("weight", "bias", "mean", "var")
+                                      if getattr(bn, f) is not None})
 
 
 def random_coords(k, c_out, c_in, kh, kw, generator=None):
@@ -57,15 +78,18 @@ def test_first_layer_matches_twin_float64(case, bn_kind, backend):
     coords = random_coords(k, c_out, c_in, *kernel)
     steps = torch.randn(k, dtype=F64) * 0.3
     bn = random_bn(bn_kind, c_out)
+    device = kernel_device(backend)
+    args, bn_k = on(device, x, y, coords, steps), bn_on(bn, device)
     if bn_kind == "train" and batch * y.shape[2] * y.shape[3] == 1:
         with pytest.raises(ValueError, match="more than one value per channel"):
-            first_layer_delta(x, y, coords, steps, stride, padding, dilation, bn, backend=backend)
+            first_layer_delta(*args, stride, padding, dilation, bn_k, backend=backend)
         return
     for relu in (False, True):
         ref = first_layer_delta_ref(x, y, coords, steps, (stride,) * 2, (padding,) * 2, (dilation,) * 2, bn, relu)
-        out = first_layer_delta(x, y, coords, steps, stride, padding, dilation, bn, relu, backend=backend)
+        out = first_layer_delta(*args, stride, padding, dilation, bn_k, relu, backend=backend)
+        assert out.device == device
         assert out.shape == ref.shape == (k, batch, *y.shape[2:])
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,32 +106,39 @@ def test_first_layer_float32_beats_naive_difference(backend):
     geometry = ((1, 1), (1, 1), (1, 1))
     oracle = first_layer_delta_ref(x.double(), y.double(), coords, steps.double(), *geometry, bn64, True)
     naive = first_layer_delta_ref(x, y, coords, steps, *geometry, bn32, True).double()
-    out = first_layer_delta(x, y, coords, steps, 1, 1, 1, bn32, True, backend=backend).double()
+    device = kernel_device(backend)
+    out = first_layer_delta(*on(device, x, y, coords, steps), 1, 1, 1, bn_on(bn32, device), True,
+                            backend=backend).cpu().double()
     error, naive_error = (out - oracle).abs().max(), (naive - oracle).abs().max()
     assert error <= naive_error
     assert error <= 1e-5 * oracle.abs().max()
 
 
+@needs_triton
 def test_first_layer_triton_equals_torch_rules_float32():
     """The engine's unfused rules (torch backend) and the fused kernel: same formulas, fp32 rounding apart (each
     output is a few dozen float32 operations: rtol 1e-5 ≈ 170 ulps is a ceiling, ~1 ulp is seen)."""
     x, y = conv_case(4, 3, (7, 7), 5, (3, 3), 2, 1, dtype=torch.float32)
     coords, steps, bn = random_coords(4, 5, 3, 3, 3), torch.randn(4) * 0.1, random_bn("train", 5, torch.float32)
-    fused = first_layer_delta(x, y, coords, steps, 2, 1, 1, bn, True, backend="triton")
+    fused = first_layer_delta(*on(TRITON_DEVICE, x, y, coords, steps), 2, 1, 1, bn_on(bn, TRITON_DEVICE), True,
+                              backend="triton").cpu()
     rules = first_layer_delta(x, y, coords, steps, 2, 1, 1, bn, True, backend="torch")
     torch.testing.assert_close(fused, rules, rtol=1e-5, atol=1e-6 * rules.abs().max().item())
 
 
+@needs_triton
 @pytest.mark.parametrize("n_total", [15, 16, 17, 31])  # the sweep's BLOCK (16) minus 1, equal, plus 1; a prime
 def test_first_layer_block_edges(n_total):
     from zokernels.kernels.triton.cge_first_layer import first_layer_delta_triton
     x, y = conv_case(n_total, 2, (3, 3), 3, (3, 3), 1, 0)  # H' = W' = 1: B·H'·W' = n_total
     coords, steps, bn = random_coords(3, 3, 2, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
-    chan, mode = _channel_table(y, bn)
-    out = torch.empty(3, n_total, 1, 1, dtype=F64)
+    # the launcher is called directly: every pointer it gets (x, y, coords, steps, chan, out) on the kernel device
+    xd, yd, coords_d, steps_d = on(TRITON_DEVICE, x, y, coords, steps)
+    chan, mode = _channel_table(yd, bn_on(bn, TRITON_DEVICE))
+    out = torch.empty(3, n_total, 1, 1, dtype=F64, device=TRITON_DEVICE)
     geometry = ((1, 1), (0, 0), (1, 1))
-    first_layer_delta_triton(x, y, coords, steps, chan, out, geometry, mode, True, block=16)
-    torch.testing.assert_close(out, first_layer_delta_ref(x, y, coords, steps, *geometry, bn, True),
+    first_layer_delta_triton(xd, yd, coords_d, steps_d, chan, out, geometry, mode, True, block=16)
+    torch.testing.assert_close(out.cpu(), first_layer_delta_ref(x, y, coords, steps, *geometry, bn, True),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -116,10 +147,11 @@ def test_first_layer_channels_last_inputs(backend):
     x, y = conv_case(3, 4, (6, 5), 3, (3, 3), 1, 1)
     coords, steps, bn = random_coords(3, 3, 4, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
     ref = first_layer_delta_ref(x, y, coords, steps, (1, 1), (1, 1), (1, 1), bn, True)
-    cl = torch.channels_last
-    out = first_layer_delta(x.contiguous(memory_format=cl), y.contiguous(memory_format=cl), coords, steps, 1, 1,
-                            bn=bn, backend=backend)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    cl, device = torch.channels_last, kernel_device(backend)
+    xd, yd, coords_d, steps_d = on(device, x, y, coords, steps)
+    out = first_layer_delta(xd.contiguous(memory_format=cl), yd.contiguous(memory_format=cl), coords_d, steps_d, 1,
+                            1, bn=bn_on(bn, device), backend=backend)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,9 +162,10 @@ def test_first_layer_linear(bn_kind, backend):
     coords = coords_from_flat(torch.tensor([0, 14, 7, 3]), weight.shape)
     steps, bn = torch.randn(4, dtype=F64), random_bn(bn_kind, 3)
     ref = first_layer_delta_ref(x, y, coords, steps, bn=bn, relu=True)
-    out = first_layer_delta(x, y, coords, steps, bn=bn, backend=backend)
+    device = kernel_device(backend)
+    out = first_layer_delta(*on(device, x, y, coords, steps), bn=bn_on(bn, device), backend=backend)
     assert out.shape == (4, 7)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
 
 
 def test_coords_from_flat_matches_weight_layout():
@@ -144,6 +177,7 @@ def test_coords_from_flat_matches_weight_layout():
         assert probe[o, c, i, j] == 1
 
 
+@needs_triton
 def test_first_layer_matches_engine_seed_and_rules():
     """Fed what the engine caches (conv input, conv output), the kernel gives what the engine's seed + BN + ReLU
     rules give for the same flat coordinates: the engine can call it in place of those three steps."""
@@ -164,9 +198,11 @@ def test_first_layer_matches_engine_seed_and_rules():
     bn_out = model[1](y)
     after_bn = rules.batchnorm_train_delta(y, seed, model[1].weight, rules.batch_statistics(y, model[1].eps))
     expected = rules.relu_delta(bn_out, after_bn)
-    out = first_layer_delta(x, y, coords_from_flat(indices, model[0].weight.shape), steps, 2, 1,
-                            bn=BatchNormSpec.from_module(model[1]), backend="triton")
-    torch.testing.assert_close(out, expected.values, rtol=1e-10, atol=1e-12)
+    # the engine's rules ran on the CPU model; the kernel gets the same tensors (and the BN module's) on its device
+    coords = coords_from_flat(indices, model[0].weight.shape)
+    out = first_layer_delta(*on(TRITON_DEVICE, x, y, coords, steps), 2, 1,
+                            bn=bn_on(BatchNormSpec.from_module(model[1]), TRITON_DEVICE), backend="triton")
+    torch.testing.assert_close(out.cpu(), expected.values, rtol=1e-10, atol=1e-12)
     assert torch.equal(seed.channels, indices // 18)
 
 
@@ -188,31 +224,37 @@ def test_one_channel_conv2d_matches_twin(case, backend):
     delta, weight = torch.randn(k, batch, *hw, dtype=F64), torch.randn(c2, c1, *kernel, dtype=F64)
     channels = torch.randint(0, c1, (k,))
     ref = one_channel_conv2d_ref(delta, channels, weight, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    args = on(kernel_device(backend), delta, channels, weight)
     for channels_last in (False, True):
-        out = one_channel_conv2d(delta, channels, weight, stride, padding, dilation, channels_last, backend=backend)
+        out = one_channel_conv2d(*args, stride, padding, dilation, channels_last, backend=backend)
         assert out.shape == ref.shape
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-12, atol=1e-12)
 
 
+@needs_triton
 def test_one_channel_conv2d_float32_and_channels_last_weight():
     """fp32: ≤ 9 taps summed in another order than torch's conv: a few ulp of the sum of |terms|."""
     delta, weight = torch.randn(3, 2, 9, 8), torch.randn(5, 4, 3, 3)
     channels = torch.tensor([3, 0, 3])
     ref = one_channel_conv2d_ref(delta.double(), channels, weight.double(), (2, 2), (1, 1))
-    out = one_channel_conv2d(delta, channels, weight.contiguous(memory_format=torch.channels_last), 2, 1,
+    delta_d, channels_d, weight_d = on(TRITON_DEVICE, delta, channels, weight)
+    out = one_channel_conv2d(delta_d, channels_d, weight_d.contiguous(memory_format=torch.channels_last), 2, 1,
                              backend="triton")
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=9 * 4 * 2.0**-24 * 9 * 4)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=9 * 4 * 2.0**-24 * 9 * 4)
 
 
+@needs_triton
 @pytest.mark.parametrize("positions,c_out", [(15, 3), (16, 4), (17, 5)])  # BLOCK_P 16, BLOCK_C 4: −1, =, +1
 def test_one_channel_conv2d_block_edges(positions, c_out):
     from zokernels.kernels.triton.cge_mixing import one_channel_conv2d_triton
     delta, weight = torch.randn(2, 3, 1, positions, dtype=F64), torch.randn(c_out, 2, 1, 1, dtype=F64)
     channels = torch.tensor([1, 0])
-    out = torch.empty(6, c_out, 1, positions, dtype=F64)
-    one_channel_conv2d_triton(delta, channels, weight, out, ((1, 1), (0, 0), (1, 1)), block_p=16, block_c=4)
-    torch.testing.assert_close(out, one_channel_conv2d_ref(delta, channels, weight), rtol=1e-12, atol=1e-12)
+    # the launcher is called directly: delta, channels (int64), weight and out on the kernel device
+    out = torch.empty(6, c_out, 1, positions, dtype=F64, device=TRITON_DEVICE)
+    one_channel_conv2d_triton(*on(TRITON_DEVICE, delta, channels, weight), out, ((1, 1), (0, 0), (1, 1)),
+                              block_p=16, block_c=4)
+    torch.testing.assert_close(out.cpu(), one_channel_conv2d_ref(delta, channels, weight), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,17 +262,20 @@ def test_one_channel_conv2d_block_edges(positions, c_out):
 def test_one_channel_linear_matches_twin(k, batch, n_in, n_out, backend):
     delta, weight = torch.randn(k, batch, dtype=F64), torch.randn(n_out, n_in, dtype=F64)
     channels = torch.randint(0, n_in, (k,))
-    out = one_channel_linear(delta, channels, weight, backend=backend)
-    torch.testing.assert_close(out, one_channel_linear_ref(delta, channels, weight), rtol=0, atol=0)
+    out = one_channel_linear(*on(kernel_device(backend), delta, channels, weight), backend=backend)
+    torch.testing.assert_close(out.cpu(), one_channel_linear_ref(delta, channels, weight), rtol=0, atol=0)
 
 
+@needs_triton
 def test_chained_first_layer_and_mixing_equals_dense_conv_of_dense_delta():
     """First layer then mixing equals the next conv applied to the scattered (dense) delta, per replica."""
     x, y = conv_case(2, 2, (6, 6), 3, (3, 3), 1, 1)
     coords, steps, bn = random_coords(3, 3, 2, 3, 3), torch.randn(3, dtype=F64), random_bn("train", 3)
     weight2 = torch.randn(4, 3, 3, 3, dtype=F64)
-    first = first_layer_delta(x, y, coords, steps, 1, 1, bn=bn, backend="triton")
-    mixed = one_channel_conv2d(first, coords[:, 0], weight2, 1, 1, backend="triton").view(3, 2, 4, 6, 6)
+    xd, yd, coords_d, steps_d, weight2_d = on(TRITON_DEVICE, x, y, coords, steps, weight2)
+    first_d = first_layer_delta(xd, yd, coords_d, steps_d, 1, 1, bn=bn_on(bn, TRITON_DEVICE), backend="triton")
+    mixed = one_channel_conv2d(first_d, coords_d[:, 0], weight2_d, 1, 1, backend="triton").cpu().view(3, 2, 4, 6, 6)
+    first = first_d.cpu()
     for k in range(3):
         dense = torch.zeros(2, 3, 6, 6, dtype=F64)
         dense[:, coords[k, 0]] = first[k]
@@ -238,14 +283,14 @@ def test_chained_first_layer_and_mixing_equals_dense_conv_of_dense_delta():
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
-def _first_layer_args():
+def _first_layer_args(device=torch.device("cpu")):
     x, y = conv_case(2, 2, (5, 5), 3, (3, 3), 1, 1)
-    return x, y, random_coords(2, 3, 2, 3, 3), torch.randn(2, dtype=F64)
+    return on(device, x, y, random_coords(2, 3, 2, 3, 3), torch.randn(2, dtype=F64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_first_layer_rejects_non_contiguous(backend):
-    x, y, coords, steps = _first_layer_args()
+    x, y, coords, steps = _first_layer_args(kernel_device(backend))
     with pytest.raises(ValueError, match="x must be contiguous or channels-last"):
         first_layer_delta(x.transpose(2, 3), y, coords, steps, 1, 1, backend=backend)
     with pytest.raises(ValueError, match="y must be contiguous or channels-last"):
@@ -253,16 +298,17 @@ def test_first_layer_rejects_non_contiguous(backend):
                           backend=backend)
 
 
+@needs_triton
 def test_first_layer_bad_arguments():
-    x, y, coords, steps = _first_layer_args()
+    x, y, coords, steps = _first_layer_args(TRITON_DEVICE)
     cases = [
         (dict(x=x.int()), TypeError, "x must have dtype"),
         (dict(y=y.float()), TypeError, "y must have the dtype of x"),
         (dict(coords=coords.float()), TypeError, "coords must be an int64/int32"),
         (dict(coords=coords[:, :3]), ValueError, r"coords must have shape \[K >= 1, 4\]"),
         (dict(coords=coords[:0]), ValueError, r"coords must have shape \[K >= 1, 4\]"),
-        (dict(coords=coords + torch.tensor([3, 0, 0, 0])), ValueError, "coords out of range"),
-        (dict(steps=torch.randn(3, dtype=F64)), ValueError, r"steps must have shape \(2,\)"),
+        (dict(coords=coords + torch.tensor([3, 0, 0, 0], device=TRITON_DEVICE)), ValueError, "coords out of range"),
+        (dict(steps=torch.randn(3, dtype=F64).to(TRITON_DEVICE)), ValueError, r"steps must have shape \(2,\)"),
         (dict(stride=0), ValueError, "stride and dilation must be >= 1"),
         (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
@@ -282,7 +328,9 @@ def test_cuda_backend_refused_with_reason():
 
 
 def test_mixing_bad_arguments():
+    # every refusal comes before the backend is chosen: this runs even where the triton backend cannot
     delta, weight, channels = torch.randn(2, 3, 5, 5, dtype=F64), torch.randn(4, 3, 3, 3, dtype=F64), torch.tensor([0, 2])
+    delta, weight, channels = on(TRITON_DEVICE, delta, weight, channels)
     with pytest.raises(ValueError, match="delta must be contiguous"):
         one_channel_conv2d(delta.transpose(2, 3), channels, weight, backend="triton")
     with pytest.raises(ValueError, match="weight must be contiguous or channels-last"):

@@ -1,18 +1,21 @@
-"""The Triton multi-tensor Philox sweeps (run here in the interpreter, TRITON_INTERPRET=1) against the numpy
-reference and the C++ path: bitwise, for any BLOCK, on awkward sizes and offsets, in fp32/fp16/bf16/fp64."""
+"""The Triton multi-tensor Philox sweeps (run here in the interpreter, TRITON_INTERPRET=1, on CPU tensors; compiled,
+on CUDA tensors, in a GPU run, ZOKERNELS_TEST_GPU=1) against the numpy reference and the C++ path: bitwise, for any
+BLOCK, on awkward sizes and offsets, in fp32/fp16/bf16/fp64. Inputs are drawn on the CPU and moved to
+kernel_device("triton"); the references use the CPU copies and the swept tensors come back with .cpu()."""
 import numpy as np
 import pytest
 import torch
 
 from zokernels import backends, philox
 from zokernels.reference import philox_normal_ref
-from helpers import compile_for_gpus_in_subprocess
+from helpers import compile_for_gpus_in_subprocess, kernel_device
 
 pytestmark = pytest.mark.skipif(not backends.availability()["triton"].available,
                                 reason=f"triton backend unavailable: {backends.availability()['triton'].reason}")
 needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available, reason="zokernels._C not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DEVICE = kernel_device("triton")  # where the tensors the triton sweeps read and write live
 
 
 def _sizes(block: int) -> list[int]:
@@ -29,9 +32,9 @@ def _reference_sweep(x: torch.Tensor, offset: int, seed: int, terms, scale: floa
     return (x.to(wide) + d.to(wide)).to(x.dtype), (x.to(wide) - d.to(wide)).to(x.dtype)
 
 
-def _tensors(sizes, dtype, seed=0):
+def _tensors(sizes, dtype, seed=0, device=torch.device("cpu")):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, generator=g) * 3).to(dtype) for n in sizes]
+    return [(torch.randn(n, generator=g) * 3).to(dtype).to(device) for n in sizes]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -47,9 +50,10 @@ def test_in_place_sweep_bitwise_equals_reference(dtype):
     offsets = [o + 3 for o in philox.stream_offsets(tensors)]
     scales = [1.0, 0.5, 2.0, -1.0, 3.0, 1.0, 0.25]
     expected = [_reference_sweep(t, o, seed, terms, s)[0] for t, o, s in zip(tensors, offsets, scales)]
+    tensors = [t.to(DEVICE) for t in tensors]
     philox.device_sweep("triton", tensors, tensors, None, offsets, seed, philox._terms32(terms), scales, block=16)
     for i, (got, want) in enumerate(zip(tensors, expected)):
-        assert torch.equal(_bits(got), _bits(want)), f"tensor {i} (numel {got.numel()})"
+        assert torch.equal(_bits(got.cpu()), _bits(want)), f"tensor {i} (numel {got.numel()})"
 
 
 @needs_cpu_ext
@@ -60,30 +64,31 @@ def test_public_sweeps_equal_the_cpu_path(dtype):
     offsets = [o + 1 for o in philox.stream_offsets(sources)]
     results = {}
     for backend in ("triton", "cpu"):
-        plus = [torch.empty_like(s) for s in sources]
-        minus = [torch.empty_like(s) for s in sources]
-        philox.normal_combination_into(plus, sources, offsets, 77, terms, minus, backend=backend)
-        inplace = [s.clone() for s in sources]
+        on_device = [s.to(kernel_device(backend)) for s in sources]
+        plus = [torch.empty_like(s) for s in on_device]
+        minus = [torch.empty_like(s) for s in on_device]
+        philox.normal_combination_into(plus, on_device, offsets, 77, terms, minus, backend=backend)
+        inplace = [s.clone() for s in on_device]
         philox.add_normal_combination_(inplace, offsets, 77, terms, [1.0, 2.0, 1.0, 0.5, 1.0], backend=backend)
-        results[backend] = plus + minus + inplace
+        results[backend] = [t.cpu() for t in plus + minus + inplace]
     for got, want in zip(results["triton"], results["cpu"]):
         assert torch.equal(_bits(got), _bits(want))
 
 
 def test_out_of_place_equals_reference_and_keeps_sources():
-    sources = _tensors([3, 64, 65, 200], torch.float32, seed=2)
-    kept = [s.clone() for s in sources]
+    kept = _tensors([3, 64, 65, 200], torch.float32, seed=2)  # on the CPU, for the reference
+    sources = _tensors([3, 64, 65, 200], torch.float32, seed=2, device=DEVICE)
     offsets = philox.stream_offsets(sources)
     plus = [torch.empty_like(s) for s in sources]
     minus = [torch.empty_like(s) for s in sources]
     philox.normal_combination_into(plus, sources, offsets, 9, [(1, 0.01)], minus, backend="triton")
     for s, k, p, m, o in zip(sources, kept, plus, minus, offsets):
         want_plus, want_minus = _reference_sweep(k, o, 9, [(1, 0.01)])
-        assert torch.equal(s, k) and torch.equal(p, want_plus) and torch.equal(m, want_minus)
+        assert torch.equal(s.cpu(), k) and torch.equal(p.cpu(), want_plus) and torch.equal(m.cpu(), want_minus)
 
 
 def test_results_independent_of_block_and_repeatable():
-    sources = _tensors([1, 15, 17, 100, 333], torch.float32, seed=3)
+    sources = _tensors([1, 15, 17, 100, 333], torch.float32, seed=3, device=DEVICE)
     offsets = [o + 2 for o in philox.stream_offsets(sources)]
     runs = []
     for block in (16, 64, 64):
@@ -91,7 +96,7 @@ def test_results_independent_of_block_and_repeatable():
         philox.device_sweep("triton", out, sources, None, offsets, 4, [(0, 1.0), (3, -0.5)], [1.0] * 5, block=block)
         runs.append(out)
     for other in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(runs[0], other))
 
 
 def _ulp(t: torch.Tensor) -> torch.Tensor:
@@ -106,14 +111,14 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
 def test_plus_minus_plus_restores_within_three_half_ulps(dtype):
     # θ1 = θ + d + e1, θ2 = θ1 − 2d + e2, θ3 = θ2 + d + e3: fl(−2μ)·z = −2·fl(μ·z) exactly, so
     # |θ3 − θ| = |e1 + e2 + e3| ≤ ½ (ulp(θ1) + ulp(θ2) + ulp(θ3)).
-    theta = _tensors([1000, 37], dtype, seed=4)
-    start = [t.clone() for t in theta]
+    theta = _tensors([1000, 37], dtype, seed=4, device=DEVICE)
+    start = [t.cpu().clone() for t in theta]
     offsets, mu = philox.stream_offsets(theta), 1e-2
     history = []
     for coeff in (mu, -2 * mu, mu):
         philox.add_normal_combination_(theta, offsets, 11, [(0, coeff)], backend="triton")
-        history.append([t.clone() for t in theta])
-    for i, (t0, t3) in enumerate(zip(start, theta)):
+        history.append([t.cpu().clone() for t in theta])
+    for i, (t0, t3) in enumerate(zip(start, (t.cpu() for t in theta))):
         bound = 0.5 * sum(_ulp(h[i]) for h in history)
         err = (t3.double() - t0.double()).abs()
         assert torch.all(err <= bound), f"tensor {i}: max excess {(err - bound).max().item()}"
@@ -121,12 +126,12 @@ def test_plus_minus_plus_restores_within_three_half_ulps(dtype):
 
 
 def test_bad_arguments_are_named():
-    ok = torch.zeros(8)
+    ok = torch.zeros(8, device=DEVICE)
     with pytest.raises(ValueError, match=r"out\[0\] must be contiguous"):
-        philox.normal_combination_into([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], [0], 1, [(0, 1.0)],
-                                       backend="triton")
+        philox.normal_combination_into([torch.zeros(4, 4, device=DEVICE).t()], [torch.zeros(4, 4, device=DEVICE)], [0],
+                                       1, [(0, 1.0)], backend="triton")
     with pytest.raises(ValueError, match=r"minus\[0\] must be contiguous"):
-        philox.normal_combination_into([ok], [ok.clone()], [0], 1, [(0, 1.0)], [torch.zeros(16)[::2]],
+        philox.normal_combination_into([ok], [ok.clone()], [0], 1, [(0, 1.0)], [torch.zeros(16, device=DEVICE)[::2]],
                                        backend="triton")
     with pytest.raises(ValueError, match=r"offsets\[0\]"):
         philox.add_normal_combination_([ok], [-1], 1, [(0, 1.0)], backend="triton")
@@ -171,7 +176,7 @@ def test_kernel_compiles_for_gpus_without_fma_or_approximate_sqrt(tmp_path):
 
 def test_offsets_past_the_32_bit_block_counter():
     # Philox block 2^32 - 1 -> 2^32: the counter's high word changes inside one tile.
-    x = torch.zeros(100)
+    x = torch.zeros(100, device=DEVICE)
     offset = 2**34 - 37
     philox.add_normal_combination_([x], [offset], 6, [(2, 1.0)], backend="triton")
-    assert torch.equal(x, torch.from_numpy(philox_normal_ref(100, 6, 2, offset)))
+    assert torch.equal(x.cpu(), torch.from_numpy(philox_normal_ref(100, 6, 2, offset)))
