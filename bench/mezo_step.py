@@ -32,13 +32,14 @@ def setup(batch_size: int = 16, length: int = 64):
 
 
 def mezo_reference_step(model, batch, mu: float, lr: float, seed: int, loss_fn=lm.classification_loss) -> None:
-    """The MeZO code's step: four per-tensor sweeps, z regenerated with torch.normal after manual_seed."""
+    """The MeZO code's step: four per-tensor sweeps, z regenerated with torch.normal on the parameter's device after
+    manual_seed."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def perturb(scale: float) -> None:
         torch.manual_seed(seed)
         for p in params:
-            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
+            z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
             p.data.add_(z, alpha=scale * mu)
 
     perturb(1.0)
@@ -49,7 +50,7 @@ def mezo_reference_step(model, batch, mu: float, lr: float, seed: int, loss_fn=l
     g = (plus - minus) / (2 * mu)
     torch.manual_seed(seed)
     for p in params:
-        z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
+        z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
         p.data.add_(z, alpha=-lr * g)
 
 

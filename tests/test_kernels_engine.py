@@ -10,10 +10,13 @@ from zokernels.engine import cge_engine
 from zokernels.engine.fusion import fused_pattern
 from zokernels.engine.heads import Head
 from zokernels.estimators.common import QueryGuard
+from helpers import kernel_device
 
 pytest.importorskip("triton")
 HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_first_layer_delta_cpu") and availability()["cpu"].available
-BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
+_TRITON = availability()["triton"]
+BACKENDS = (pytest.param("triton", marks=pytest.mark.skipif(not _TRITON.available, reason=_TRITON.reason)),
+            "torch") + (("cpu",) if HAS_CPU_TWIN else ())
 
 
 def small_model(train: bool):
@@ -31,6 +34,10 @@ def small_model(train: bool):
 
 
 def loss_changes(model, batch, names, backend):
+    """Per parameter: (fused start, engine's own rules) loss changes, on CPU; the model and batch run on the
+    backend's device (CUDA for triton in a GPU run)."""
+    device = kernel_device(backend)
+    model, batch = model.to(device), tuple(t.to(device) for t in batch)
     head, named = Head("cross_entropy", batch), dict(model.named_parameters())
     guard = QueryGuard(model, list(named.values()))
     results = {}
@@ -38,10 +45,11 @@ def loss_changes(model, batch, names, backend):
         _, plain = cge_engine.record_base(model, batch, head, None, guard, named)
         _, fused = cge_engine.record_base(model, batch, head, None, guard, named, kernel_backend=backend)
         for name in names:
-            indices = torch.randperm(named[name].numel())[:5]
-            steps = torch.randn(5, dtype=torch.float64) * 0.05
+            indices = torch.randperm(named[name].numel())[:5].to(device)
+            steps = (torch.randn(5, dtype=torch.float64) * 0.05).to(device)
             expected, got = (cge_engine.loss_changes(rec, rec.tape.params[name], indices, steps,
-                                                     cge_engine.last_uses(rec.tape, rec.final_nodes()), lambda j: name)
+                                                     cge_engine.last_uses(rec.tape, rec.final_nodes()),
+                                                     lambda j: name).cpu()
                              for rec in (plain, fused))
             assert fused_pattern(fused.tape.params[name]) is not None or name == "8.weight", name
             results[name] = (got, expected)

@@ -9,10 +9,17 @@ from zokernels.estimators.cge import coordinate_indices
 from zokernels.experimental.masked_sgd import DENSE_BLOCK, MaskedSGD, gather_mask_indices, masked_sgd_, scatter_grad_, \
     SGDHyper
 from zokernels.reference.kernels_ref import masked_gradients_ref, masked_sgd_ref
+from helpers import kernel_device
 
 pytest.importorskip("triton")
 HAS_CPU_TWIN = _C is not None and hasattr(_C, "cge_masked_sgd_cpu") and availability()["cpu"].available
-BACKENDS = ("triton", "torch") + (("cpu",) if HAS_CPU_TWIN else ())
+# These cases hand the kernels CPU tensors (the Triton interpreter's); in a GPU run (interpreter off) masked SGD's
+# compiled kernels are checked on CUDA tensors by test_kernels_cuda.py::test_cuda_masked_sgd_matches_torch_backend.
+_TRITON = availability()["triton"]
+CPU_TENSOR_TRITON = pytest.mark.skipif(
+    kernel_device("triton").type == "cuda" or not _TRITON.available,
+    reason=f"these cases pass CPU tensors to Triton, so they need the interpreter ({_TRITON.reason})")
+BACKENDS = (pytest.param("triton", marks=CPU_TENSOR_TRITON), "torch") + (("cpu",) if HAS_CPU_TWIN else ())
 F64 = torch.float64
 SHAPES = [(3, 5), (7,), (1,), (2, 3, 3), (DENSE_BLOCK + 1,), (DENSE_BLOCK - 1,)]
 HYPERS = [
@@ -106,6 +113,7 @@ def test_restricted_mode_is_sgd_on_the_selected_coordinates(hyper, backend):
         assert all(torch.all(b[~m] == 0) for b, m in zip(ours.buffers, masks))
 
 
+@CPU_TENSOR_TRITON
 @pytest.mark.parametrize("n_selected", [1023, 1024, 1025])  # the coordinate kernel's BLOCK −1, =, +1
 def test_coordinate_kernel_block_edges(n_selected):
     params = [torch.randn(700, dtype=F64), torch.randn(3, 300, dtype=F64)]
@@ -139,6 +147,7 @@ def test_float32_kernels_equal_torch_backend(restrict, backend):
         torch.testing.assert_close(x, y, rtol=2 * 2.0**-24, atol=2.0**-24)
 
 
+@CPU_TENSOR_TRITON
 def test_masked_sgd_bad_arguments():
     params, masks = random_problem()
     index = gather_mask_indices(params, masks)
