@@ -7,7 +7,9 @@ import torch
 from zokernels.apps.pde_model import Corrector, corrector_forward_batched, rollout_batched, stacked_parameters
 from zokernels.apps.pde_solver import (BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states,
                                        reference_trajectories)
-from zokernels.apps.pde_train import batched_sparse_cge, random_coordinate_mask, rollout_loss_batched, sample_windows
+from zokernels import stacked_cge_step
+from zokernels.apps.pde_train import rollout_loss_batched, sample_windows
+from zokernels.sparsity import density_masks
 
 from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within, max_error
 
@@ -99,14 +101,14 @@ def _perturbed_model(hidden=2):
     return model
 
 
-def test_batched_sparse_cge_equals_cge_step_through_black_box(references):
+def test_stacked_cge_step_equals_cge_step_through_black_box(references):
     from zokernels import cge_step
 
     model = _perturbed_model()
     start, targets = sample_windows(references, 3, 2, torch.Generator().manual_seed(1))
-    mask = random_coordinate_mask(model, 0.2, torch.Generator().manual_seed(2))
+    mask = density_masks(model, 0.2, torch.Generator().manual_seed(2))
     solver = _solver()
-    batched_sparse_cge(model, lambda s: rollout_loss_batched(solver, s, start, targets), 5e-3, mask, 16)
+    stacked_cge_step(model, lambda s: rollout_loss_batched(solver, s, start, targets), 5e-3, mask, 16)
     batched = [p.grad.clone() for p in model.parameters()]
 
     def loss_fn(m, batch):
@@ -141,7 +143,7 @@ def test_zo_estimate_matches_autograd_through_the_twin(references):
     start, targets = sample_windows(references, 3, 3, torch.Generator().manual_seed(3))
     loss = rollout_loss_batched(_twin, [p.unsqueeze(0) for p in model.parameters()], start, targets)[0]
     exact = torch.autograd.grad(loss, list(model.parameters()))
-    batched_sparse_cge(model, lambda s: rollout_loss_batched(_solver(), s, start, targets), 1e-3, None, 512)
+    stacked_cge_step(model, lambda s: rollout_loss_batched(_solver(), s, start, targets), 1e-3, None, 512)
     zo = torch.cat([p.grad.flatten() for p in model.parameters()])
     fo = torch.cat([g.flatten() for g in exact])
     assert torch.nn.functional.cosine_similarity(zo, fo, dim=0) > 0.99

@@ -4,7 +4,7 @@
   `BlackBoxClassifier`, which answers logits only (no parameters, no autograd graph).
 - The denoiser D_θ (residual 3x3 conv stack, identity at initialization) is trained on Gaussian-noised inputs to
   minimize the cross-entropy of the black box's answer on D_θ(x + σε). ZO: Sparse-CGE through the black box, the
-  base point and K perturbed denoisers sent as one black-box call of (1 + K)·B images (`batched_sparse_cge`), or
+  base point and K perturbed denoisers sent as one black-box call of (1 + K)·B images (`zokernels.stacked_cge_step`), or
   one `zokernels.cge_step` query at a time (engine 'api'). FO: backprop through the (white-box) classifier.
 Images live in pixel space [0, 1], where σ and the certified ℓ2 radii are meant.
 """
@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import cge_step
+from ..estimators.stacked import stacked_cge_step
+from ..sparsity import density_masks
 from ..data import iterate_minibatches, load_digits_tensors
 from .pde_model import corrector_forward_batched
-from .pde_train import batched_sparse_cge, random_coordinate_mask
 
 
 def digits_pixel_space(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,7 +126,7 @@ class DenoiserSettings:
 
 def _zo_denoiser_step(denoiser: Denoiser, black_box: BlackBoxClassifier, noisy: torch.Tensor, labels: torch.Tensor,
                       settings: DenoiserSettings, generator: torch.Generator) -> float:
-    mask = random_coordinate_mask(denoiser, settings.density, generator)
+    mask = density_masks(denoiser, settings.density, generator)
     if settings.engine == "api":
         def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return F.cross_entropy(black_box(model(batch[0])), batch[1])
@@ -139,7 +140,7 @@ def _zo_denoiser_step(denoiser: Denoiser, black_box: BlackBoxClassifier, noisy: 
         losses = F.cross_entropy(logits, labels.repeat(queries), reduction="none")
         return losses.view(queries, -1).mean(dim=1)
 
-    return batched_sparse_cge(denoiser, loss_of_stacked, settings.mu, mask, settings.max_queries)
+    return stacked_cge_step(denoiser, loss_of_stacked, settings.mu, mask, settings.max_queries).loss
 
 
 def train_denoiser(method: str, black_box: BlackBoxClassifier, white_box: nn.Module | None, train_x: torch.Tensor,

@@ -4,7 +4,7 @@
 - FO-SOL: solver in the loop, n unrolled steps, backprop through the differentiable torch twin of the solver.
 - ZO-SOL: solver in the loop, n unrolled steps through the black-box PhiFlow solver; gradients by Sparse-CGE.
   The base point and all perturbed coordinates of a chunk are one rollout of Q = 1 + K parameter sets, so every
-  solver call carries Q*B states (`batched_sparse_cge`). `engine="api"` instead calls `zokernels.cge_step`
+  solver call carries Q*B states (`zokernels.stacked_cge_step`). `engine="api"` instead calls `zokernels.cge_step`
   (one loss evaluation per coordinate) — same estimate, the comparison the tests make.
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..api import cge_step
-from .pde_model import Corrector, Step, rollout_loss_batched, stacked_parameters
+from ..estimators.stacked import stacked_cge_step
+from ..sparsity import density_masks
+from .pde_model import Corrector, Step, rollout_loss_batched
 
-StackedLoss = Callable[[list[torch.Tensor]], torch.Tensor]
 METHODS = ("non", "fo-sol", "zo-sol")
 ENGINES = ("batched", "api")
 
@@ -60,66 +61,9 @@ def sample_windows(references: torch.Tensor, batch_size: int, unroll: int,
     return windows[:, 0], windows[:, 1:]
 
 
-def random_coordinate_mask(model: torch.nn.Module, density: float,
-                           generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Sparse-CGE coordinate set: `density` of each weight tensor drawn at random (at least one coordinate), and
-    every bias (few, and DeepZero always keeps them)."""
-    mask = {}
-    for name, param in model.named_parameters():
-        if param.dim() == 1 or density >= 1.0:
-            mask[name] = torch.ones_like(param, dtype=torch.bool)
-            continue
-        keep = max(1, round(density * param.numel()))
-        chosen = torch.randperm(param.numel(), generator=generator)[:keep]
-        flat = torch.zeros(param.numel(), dtype=torch.bool)
-        flat[chosen] = True
-        mask[name] = flat.view_as(param)
-    return mask
-
-
-@torch.no_grad()
-def batched_sparse_cge(model: torch.nn.Module, loss_of_stacked: StackedLoss, mu: float,
-                       mask: dict[str, torch.Tensor] | None, max_queries: int = 256) -> float:
-    """Forward-difference CGE over the masked coordinates, written into `.grad`; returns the base loss.
-
-    Chunks of K coordinates are evaluated together with the base point as Q = 1 + K parameter sets; each chunk's
-    differences use that chunk's own base value. Steps are the ones realized in fp32 (as cge_step does)."""
-    named = list(model.named_parameters())
-    coords = [(k, i) for k, (name, p) in enumerate(named)
-              for i in (range(p.numel()) if mask is None else torch.nonzero(mask[name].reshape(-1)).flatten().tolist())]
-    if not coords:
-        raise ValueError("mask selects no coordinates")
-    grads = [torch.zeros_like(p) for _, p in named]
-    chunk_size = max(1, max_queries - 1)
-    base = float("nan")
-    for first in range(0, len(coords), chunk_size):
-        chunk = coords[first:first + chunk_size]
-        stacked = stacked_parameters(model, 1 + len(chunk))
-        rows = torch.arange(1, 1 + len(chunk))
-        which = torch.tensor([k for k, _ in chunk])
-        index = torch.tensor([i for _, i in chunk])
-        realized = torch.empty(len(chunk))
-        for k in which.unique().tolist():
-            sel = which == k
-            flat = stacked[k].view(stacked[k].shape[0], -1)
-            before = flat[rows[sel], index[sel]].clone()
-            flat[rows[sel], index[sel]] = before + mu
-            realized[sel] = flat[rows[sel], index[sel]] - before
-        losses = loss_of_stacked(stacked).double()
-        if not torch.isfinite(losses).all():
-            raise FloatingPointError("non-finite loss in a batched CGE query; parameters were not modified")
-        base = losses[0].item()
-        estimates = (losses[1:] - losses[0]) / realized.double()
-        for j, (k, i) in enumerate(chunk):
-            grads[k].view(-1)[i] = estimates[j]
-    for (_, p), g in zip(named, grads):
-        p.grad = g
-    return base
-
-
 def _zo_step(model: Corrector, solver: Step, start: torch.Tensor, targets: torch.Tensor, settings: TrainSettings,
              generator: torch.Generator) -> float:
-    mask = random_coordinate_mask(model, settings.density, generator)
+    mask = density_masks(model, settings.density, generator)
     if settings.engine == "api":
         def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             stacked = [p.detach().unsqueeze(0) for p in m.parameters()]
@@ -130,7 +74,7 @@ def _zo_step(model: Corrector, solver: Step, start: torch.Tensor, targets: torch
     def loss_of_stacked(stacked: list[torch.Tensor]) -> torch.Tensor:
         return rollout_loss_batched(solver, stacked, start, targets)
 
-    return batched_sparse_cge(model, loss_of_stacked, settings.mu, mask, settings.max_queries)
+    return stacked_cge_step(model, loss_of_stacked, settings.mu, mask, settings.max_queries).loss
 
 
 def _fo_sol_step(model: Corrector, twin: Step, start: torch.Tensor, targets: torch.Tensor) -> float:

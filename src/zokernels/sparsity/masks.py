@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ratios import check_ratios, kept_counts
+from .ratios import check_ratios, kept_counts, uniform_ratios
 from .zo_grasp import prunable_parameters
 
 
@@ -50,6 +50,17 @@ def with_dense_coordinates(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
 def dense_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable coordinate selected (dense CGE expressed as a mask)."""
     return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def density_masks(model: nn.Module, density: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """DeepZero's sparse-CGE set for the black-box programs (PDE corrector, certified defense): `density` of every
+    Conv/Linear weight at random (sample_masks at uniform ratios), every other parameter dense; density 1: all
+    coordinates, drawing nothing from `generator`."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    if density >= 1.0:
+        return dense_masks(model)
+    return with_dense_coordinates(model, sample_masks(model, uniform_ratios(model, 1.0 - density), generator))
 
 
 def mask_coordinate_count(masks: dict[str, torch.Tensor]) -> int:
