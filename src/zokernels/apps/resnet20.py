@@ -39,7 +39,7 @@ EPOCH_FIELDS = ["step", "epoch", "train_loss", "train_acc", "test_loss", "test_a
 
 
 # Values of the options whose default depends on --preset. quick: measured to finish in a few minutes on a 2-core
-# CPU (docs/deepzero.md); paper: DeepZero's ResNet-20 / CIFAR-10 setting.
+# CPU (docs/apps.md); paper: DeepZero's ResNet-20 / CIFAR-10 setting.
 # The other options' defaults are the paper's in both presets (sparsity 0.9, q = 192, masks every 5 epochs, ...).
 PRESETS = {
     "quick": {"model": "small_cnn", "epochs": 20, "batch_size": 128, "lr": 0.5, "warmup_epochs": 1.0},
