@@ -7,9 +7,12 @@ Checked here:
 - where the math says the result must equal one process's, it does, bit for bit: a single process evaluating the
   two shards one after another with the same combination (SequentialShardLoss) gets the same projected gradients,
   losses and parameters as the 2-rank run, for mezo_step (exact and in-place modes) and rge_step + SGD;
+- perturbation-parallel MeZO (PerturbationParallelZO) on the same ranks, tiny LLaMA, full batch on both, q = 4 then
+  q = 1 (ℓ⁺ on rank 0, ℓ⁻ on rank 1): ranks bit-identical and equal to one process's mezo_step bit for bit;
 - zokernels.hf.ZOTrainer under the same torchrun (the Trainer's distributed sampler shards the data): the ranks end
   bit-identical, and a single process replaying the steps on the two ranks' micro-batches gets the same model.
-This file is also the worker: torchrun runs it as a script.
+This file is also the worker: torchrun runs it as a script (`--worker DIR`), and the perturbation-parallel timing of
+docs/lm.md (`--bench-perturbation`).
 """
 from __future__ import annotations
 
@@ -99,9 +102,31 @@ def _worker(out_dir: str) -> None:
     except Exception as error:  # noqa: BLE001 - recorded for the test to judge
         record["failure"] = f"{type(error).__name__}: {error}"
     record["unchanged_after_failure"] = all(torch.equal(v, record["state"][k]) for k, v in model.state_dict().items())
+    record["perturbation_parallel"] = _perturbation_parallel_phase()
     record["trainer"] = _trainer_phase(out_dir)
     torch.save(record, os.path.join(out_dir, f"rank{zo.rank}.pt"))
     dist.destroy_process_group()
+
+
+PP_STEPS = [dict(q=4, seed=31), dict(q=1, seed=32)]
+
+
+def _perturbation_parallel_steps(model, step_fn):
+    """The loop both sides run: every step on the whole global batch, its forward seed drawn from seed 7 + t."""
+    grads = []
+    for t, kwargs in enumerate(PP_STEPS):
+        torch.manual_seed(7 + t)
+        grads.append(step_fn(model, global_batch(), mu=1e-3, lr=1e-2, **kwargs).projected_grads)
+    return grads
+
+
+def _perturbation_parallel_phase() -> dict:
+    from zokernels.distributed import PerturbationParallelZO
+    zo = PerturbationParallelZO(check_every=1)
+    model = tiny_llama()
+    grads = _perturbation_parallel_steps(model, zo.mezo_step)
+    zo.check_replicas(model, exact=True)
+    return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 TRAINER_STEPS = 3
@@ -181,6 +206,14 @@ def test_two_gloo_ranks_stay_identical_and_equal_one_process(tmp_path):
         assert torch.equal(value, ranks[0]["state"][key]), key
     assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # the steps moved θ
 
+    # Perturbation-parallel: the queries split over the ranks, the same run as one process's mezo_step, bit for bit.
+    parallel = [r["perturbation_parallel"] for r in ranks]
+    model = tiny_llama()
+    assert _perturbation_parallel_steps(model, mezo_step) == parallel[0]["grads"] == parallel[1]["grads"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, parallel[0]["state"][key]) and torch.equal(value, parallel[1]["state"][key]), key
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
     # ZOTrainer: ranks identical; each step a MeZO step on the global loss over both ranks' micro-batches.
     from test_hf import model_loss, states_equal, tiny_bert
     from zokernels.hf import step_seed
@@ -200,8 +233,55 @@ def test_two_gloo_ranks_stay_identical_and_equal_one_process(tmp_path):
     assert not states_equal(model, tiny_bert())
 
 
+def bench_llama():
+    """A random-init LLaMA big enough that a forward, not the exchange, is the cost (3.4 M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _bench_perturbation_parallel(steps: int = 8, q: int = 4) -> None:
+    """Seconds per MeZO step (q directions, exact mode) on bench_llama: PerturbationParallelZO over the torchrun
+    ranks; in a 1-process run, plain zokernels.mezo_step as well. Rank 0 prints min and median over `steps` after
+    one warm-up step. The replica check is off while timing (check_every=0) and checked exactly at the end."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+    from zokernels import mezo_step
+    from zokernels.distributed import PerturbationParallelZO
+    torch.set_num_threads(1)
+    zo = PerturbationParallelZO.from_environment(check_every=0)
+    model, batch = bench_llama()
+    params = sum(p.numel() for p in model.parameters())
+
+    def timed(step) -> list[float]:
+        times = []
+        for t in range(steps + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            step(model, batch, mu=1e-3, lr=1e-6, seed=100 + t, q=q)
+            times.append(time.perf_counter() - start)
+        return times[1:]
+    rows = [(f"PerturbationParallelZO, {zo.world_size} rank(s)", timed(zo.mezo_step))]
+    if zo.world_size == 1:
+        rows.append(("zokernels.mezo_step, 1 process", timed(mezo_step)))
+    zo.check_replicas(model, exact=True)
+    if zo.rank == 0:
+        for label, times in rows:
+            print(f"{label}: q={q}, {params / 1e6:.1f} M parameters, batch 8x64 tokens, {steps} steps: "
+                  f"min {min(times):.3f} s, median {statistics.median(times):.3f} s per step", flush=True)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(sys.argv[sys.argv.index("--worker") + 1])
+if __name__ == "__main__" and "--bench-perturbation" in sys.argv:
+    _bench_perturbation_parallel()
 
 
 def test_fingerprint_sees_a_one_ulp_change_and_shards_cover_the_batch():

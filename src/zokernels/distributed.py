@@ -9,10 +9,14 @@ float per coordinate) are exchanged with all_gather and scattered into `.grad` o
 apply the identical update and no weights are ever broadcast during training.
 
     torchrun --nproc_per_node 2 -m zokernels.cli train resnet20 ...      (gloo on CPU, NCCL on GPU)
+
+Below: data-parallel ZO (DataParallelZO: each rank its own shard of the batch) and perturbation-parallel MeZO
+(PerturbationParallelZO: each rank its share of the ± queries on the full batch); both exchange loss scalars only.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from typing import Any
 
@@ -20,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from . import api
-from .estimators.common import LossFn, StepResult, trainable_parameters
+from .estimators import mezo
+from .estimators.common import RESTORED, LossFn, StepResult, check_step_batch, default_loss, trainable_parameters
+from .philox import _check_seed
 
 
 def selected_coordinates(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None
@@ -319,16 +325,13 @@ def fingerprint(tensor: torch.Tensor) -> int:
 
 
 class ReplicaMismatchError(RuntimeError):
-    """The ranks' parameters (or buffers) differ: a data-parallel ZO run is no longer one model."""
+    """The ranks' parameters (or buffers) differ: a multi-process ZO run is no longer one model."""
 
 
-class DataParallelZO:
-    """Data-parallel zeroth-order steps on the default (or given) process group: each rank passes its own shard
-    of the batch, only loss scalars are exchanged, and every rank applies the identical update.
-
-        zo = DataParallelZO.from_environment()        # under torchrun: gloo on CPU, NCCL on GPU
-        result = zo.mezo_step(model, my_shard, mu=1e-3, lr=1e-6)   # seed agreed by the ranks
-        zo.rge_step(model, my_shard); optimizer.step()             # .grad identical on every rank
+class ReplicatedZO:
+    """What every multi-process ZO scheme here shares: the ranks hold the same model and apply the identical update,
+    computed from exchanged scalars and seed-regenerated directions, so the replicas stay bit-identical without any
+    weight ever being sent. Agreement on the seed, and the replica check.
 
     `check_every` (default 1): after every that many steps, the parameters' fingerprints are compared across the
     ranks (one int64 per tensor exchanged) and ReplicaMismatchError names the tensors that differ; 0 disables it.
@@ -336,8 +339,8 @@ class DataParallelZO:
 
     def __init__(self, group: Any = None, check_every: int = 1):
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group (or use "
-                               "DataParallelZO.from_environment() under torchrun)")
+            raise RuntimeError(f"torch.distributed is not initialized: call dist.init_process_group (or use "
+                               f"{type(self).__name__}.from_environment() under torchrun)")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
         self.group, self.check_every = group, check_every
@@ -345,7 +348,7 @@ class DataParallelZO:
         self.steps = 0
 
     @classmethod
-    def from_environment(cls, check_every: int = 1) -> "DataParallelZO":
+    def from_environment(cls, check_every: int = 1):
         """Initializes the default process group from torchrun's environment if needed (NCCL when CUDA is
         available, else gloo; a single process gets a 1-rank gloo group on a free local port)."""
         if not dist.is_initialized():
@@ -359,12 +362,8 @@ class DataParallelZO:
             dist.init_process_group(backend)
         return cls(check_every=check_every)
 
-    def loss_fn(self, loss_fn: LossFn | None = None, samples: Any = None) -> ShardedLoss:
-        return ShardedLoss(loss_fn, self.group, samples)
-
-    def shard(self, batch: Any) -> Any:
-        """This rank's share of a global batch every rank holds (see shard_batch)."""
-        return shard_batch(batch, self.rank, self.world_size)
+    def _global_rank(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def agree_on_seed(self, seed: int | None) -> int:
         """`seed`, or one drawn on rank 0, broadcast: every rank must regenerate the same directions. A given seed
@@ -373,8 +372,7 @@ class DataParallelZO:
         drawn = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         value = torch.tensor([drawn], dtype=torch.int64, device=device)
         if seed is None:
-            dist.broadcast(value, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                           group=self.group)
+            dist.broadcast(value, src=self._global_rank(0), group=self.group)
             return int(value.item())
         gathered = [torch.empty_like(value) for _ in range(self.world_size)]
         dist.all_gather(gathered, value, group=self.group)
@@ -391,6 +389,52 @@ class DataParallelZO:
         self.steps += 1
         if self.check_every and self.steps % self.check_every == 0:
             self.check_replicas(model)
+
+    def check_replicas(self, model: torch.nn.Module, exact: bool = False, buffers: bool = True) -> None:
+        """Raises ReplicaMismatchError naming the tensors (parameters, and buffers if `buffers`) whose bits differ
+        from rank 0's. exact=False compares 64-bit fingerprints; exact=True broadcasts rank 0's tensors."""
+        named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
+        device = _collective_device(self.group)
+        src = self._global_rank(0)
+        if exact:
+            differ = []
+            for name, t in named:
+                theirs = t.detach().clone().to(device)
+                dist.broadcast(theirs, src=src, group=self.group)
+                if not torch.equal(_bits(theirs), _bits(t.detach().to(device))):
+                    differ.append(name)
+            flags = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+            dist.all_gather(flags, torch.tensor([len(differ)], dtype=torch.int64, device=device), group=self.group)
+            if any(int(f.item()) for f in flags):
+                raise ReplicaMismatchError(f"rank {self.rank}: tensors differing from rank 0: {differ[:8]}; "
+                                           f"mismatches per rank {[int(f.item()) for f in flags]}")
+            return
+        mine = torch.tensor([fingerprint(t) for _, t in named], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        differ = sorted({name for g in gathered for (name, _), a, b in zip(named, g.tolist(), gathered[0].tolist())
+                         if a != b})
+        if differ:
+            raise ReplicaMismatchError(f"after step {self.steps}: the ranks' bits differ in {len(differ)} tensors, "
+                                       f"e.g. {differ[:8]}")
+
+
+class DataParallelZO(ReplicatedZO):
+    """Data-parallel zeroth-order steps on the default (or given) process group: each rank passes its own shard
+    of the batch, only loss scalars are exchanged, and every rank applies the identical update.
+
+        zo = DataParallelZO.from_environment()        # under torchrun: gloo on CPU, NCCL on GPU
+        result = zo.mezo_step(model, my_shard, mu=1e-3, lr=1e-6)   # seed agreed by the ranks
+        zo.rge_step(model, my_shard); optimizer.step()             # .grad identical on every rank
+
+    Replicas are checked as ReplicatedZO says (`check_every`)."""
+
+    def loss_fn(self, loss_fn: LossFn | None = None, samples: Any = None) -> ShardedLoss:
+        return ShardedLoss(loss_fn, self.group, samples)
+
+    def shard(self, batch: Any) -> Any:
+        """This rank's share of a global batch every rank holds (see shard_batch)."""
+        return shard_batch(batch, self.rank, self.world_size)
 
     def mezo_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
                   lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: Any = None,
@@ -414,33 +458,132 @@ class DataParallelZO:
         self.steps += 1
         return result
 
-    def check_replicas(self, model: torch.nn.Module, exact: bool = False, buffers: bool = True) -> None:
-        """Raises ReplicaMismatchError naming the tensors (parameters, and buffers if `buffers`) whose bits differ
-        from rank 0's. exact=False compares 64-bit fingerprints; exact=True broadcasts rank 0's tensors."""
-        named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
+
+# ---- perturbation-parallel ZO -----------------------------------------------------------------------------------
+# Every rank holds the same parameters and the FULL batch; the 2q queries of a MeZO step, (0,+), (0,−), (1,+), ...
+# in the order one process evaluates them, are cut into one contiguous block per rank (q = 1 on 2 ranks: ℓ⁺ on rank
+# 0, ℓ⁻ on rank 1; q = 4: two directions each). Each rank evaluates its block with mezo.py's own query code (exact
+# mode: θ is swapped, never written), the loss values (float64 scalars) are all-gathered, and every rank forms the
+# g_j, the update terms and the update sweep with mezo.py's own functions, on the same numbers in the same order.
+# Every query's value is a deterministic function of (θ, batch, seed, j, sign, forward seed) — the forward (dropout)
+# seed is rank 0's, broadcast — so the step equals a single process's mezo_step bit for bit, and the replicas stay
+# bit-identical. mode='inplace' is refused: its restores round, differently on each rank (each perturbs along its
+# own directions), so the replicas would drift apart.
+
+
+def query_blocks(q: int, world_size: int) -> list[list[tuple[int, str]]]:
+    """The 2q queries of a MeZO step in single-process order, cut into `world_size` contiguous blocks whose sizes
+    differ by at most one (the first ones larger; ranks beyond 2q get none)."""
+    queries = mezo.all_queries(q)
+    base, extra = divmod(len(queries), world_size)
+    sizes = [base + (1 if r < extra else 0) for r in range(world_size)]
+    starts = [sum(sizes[:r]) for r in range(world_size)]
+    return [queries[start:start + size] for start, size in zip(starts, sizes)]
+
+
+def _portable_error(error: BaseException) -> BaseException:
+    """`error` itself when it survives pickling (so other ranks can raise the same type and message), else a
+    RuntimeError carrying its type, message and notes."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # an exception holding unpicklable state: send its description
+        copy = RuntimeError(f"{type(error).__name__}: {error}")
+        for note in getattr(error, "__notes__", ()):
+            copy.add_note(note)
+        return copy
+
+
+class PerturbationParallelZO(ReplicatedZO):
+    """Perturbation-parallel MeZO (DistZO2-style): every rank holds the same model and the same full batch, and
+    the 2q ± queries of a step are split across the ranks (query_blocks). Only loss scalars travel.
+
+        zo = PerturbationParallelZO.from_environment()     # under torchrun: gloo on CPU, NCCL on GPU
+        result = zo.mezo_step(model, batch, mu=1e-3, lr=1e-6, q=4)   # batch: the same on every rank
+
+    The step equals zokernels.mezo_step(model, batch, ..., q=q) in one process bit for bit (parameters, projected
+    gradients, loss) when that process's global RNG is where rank 0's is (the forward seed for dropout is drawn
+    from it) and the forwards compute the same bits as in the ranks (same kernels, same thread count's reduction
+    order). Replicas are checked as ReplicatedZO says (`check_every`)."""
+
+    def agree_on_arguments(self, q: int, mu: float, lr: float) -> None:
+        """Every rank must split the same 2q queries and apply the same update: ValueError if q, mu or lr differ."""
         device = _collective_device(self.group)
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        if exact:
-            differ = []
-            for name, t in named:
-                theirs = t.detach().clone().to(device)
-                dist.broadcast(theirs, src=src, group=self.group)
-                if not torch.equal(_bits(theirs), _bits(t.detach().to(device))):
-                    differ.append(name)
-            flags = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
-            dist.all_gather(flags, torch.tensor([len(differ)], dtype=torch.int64, device=device), group=self.group)
-            if any(int(f.item()) for f in flags):
-                raise ReplicaMismatchError(f"rank {self.rank}: tensors differing from rank 0: {differ[:8]}; "
-                                           f"mismatches per rank {[int(f.item()) for f in flags]}")
-            return
-        mine = torch.tensor([fingerprint(t) for _, t in named], dtype=torch.int64, device=device)
+        mine = torch.tensor([float(q), mu, lr], dtype=torch.float64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
-        differ = sorted({name for g in gathered for (name, _), a, b in zip(named, g.tolist(), gathered[0].tolist())
-                         if a != b})
-        if differ:
-            raise ReplicaMismatchError(f"after step {self.steps}: the ranks' bits differ in {len(differ)} tensors, "
-                                       f"e.g. {differ[:8]}")
+        rows = [g.cpu().tolist() for g in gathered]
+        if any(row != rows[0] for row in rows):
+            raise ValueError(f"(q, mu, lr) differ across ranks: {rows}; every rank must pass the same values")
+
+    def _broadcast_int(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
+        dist.broadcast(tensor, src=self._global_rank(0), group=self.group)
+        return int(tensor.item())
+
+    @torch.no_grad()
+    def mezo_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
+                  lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: Any = None, *,
+                  mode: str = "exact", update: bool = True, accumulate: bool = False, backend: str | None = None):
+        """zokernels.mezo_step(model, batch, ...) with the 2q queries split across the ranks (`batch`: the full
+        batch, the same on every rank). A loss that raises or returns NaN on any rank makes every rank raise the
+        error of the earliest failing query (the one a single process would have raised), parameters unchanged."""
+        if mode != "exact":
+            raise ValueError(f"mode must be 'exact' for perturbation-parallel MeZO, got {mode!r}: mode='inplace' "
+                             "restores θ only up to rounding, differently on each rank (each perturbs along its own "
+                             "directions), so the replicas would drift apart")
+        check_step_batch(batch, custom_loss=loss_fn is not None)
+        loss_fn = loss_fn or default_loss
+        seed = self.agree_on_seed(None if seed is None else _check_seed("seed", seed))
+        mu, lr, q, seed = mezo._check_step_args(mu, lr, q, mode, seed)
+        mezo._check_update_args(update, accumulate, mode)
+        self.agree_on_arguments(q, mu, lr)
+        pert = mezo.Perturbation(model, mezo.select_parameters(model, param_filter), backend, scratch=True)
+        self._before_step(model)
+        blocks = query_blocks(q, self.world_size)
+        with mezo.QueryContext(model, [pert.params[0].device], RESTORED) as ctx:
+            ctx.forward_seed = self._broadcast_int(ctx.forward_seed)  # one dropout draw for all ranks' queries
+            losses, error = [], None
+            try:
+                losses = mezo.exact_query_losses(ctx, pert, loss_fn, batch, seed, mu, blocks[self.rank])
+            except Exception as caught:  # keep the collective going; every rank raises below
+                error = caught
+        losses = self._gather_losses(losses, error, blocks)
+        pairs = mezo.pair_losses(losses)
+        grads = mezo.projected_grads(pairs, mu)
+        result = mezo.finish_step(pert, seed, pairs, grads, mezo.mezo_update_terms(grads, lr), update, accumulate)
+        self._after_step(model)
+        return result
+
+    def _gather_losses(self, losses: list[float], error: BaseException | None,
+                       blocks: list[list[tuple[int, str]]]) -> list[float]:
+        """All ranks' query losses in single-process order; if a rank failed, raises on every rank the error of the
+        first failing rank (its block holds the earliest failing query, as blocks are in query order)."""
+        device = _collective_device(self.group)
+        width = max(len(block) for block in blocks)
+        mine = torch.full((1 + width,), float("nan"), dtype=torch.float64)
+        mine[0] = 1.0 if error is not None else 0.0
+        mine[1:1 + len(losses)] = torch.tensor(losses, dtype=torch.float64)
+        gathered = [torch.empty(1 + width, dtype=torch.float64, device=device) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine.to(device), group=self.group)
+        rows = [g.cpu().tolist() for g in gathered]
+        failed = [r for r, row in enumerate(rows) if row[0] != 0.0]
+        if failed:
+            self._raise_first_failure(failed, error)
+        return [value for row, block in zip(rows, blocks) for value in row[1:1 + len(block)]]
+
+    def _raise_first_failure(self, failed: list[int], error: BaseException | None) -> None:
+        first = failed[0]
+        sent = [_portable_error(error) if self.rank == first else None]
+        dist.broadcast_object_list(sent, src=self._global_rank(first), group=self.group)
+        if self.rank == first:
+            raise error
+        copy = sent[0]
+        copy.add_note(f"zokernels: perturbation-parallel MeZO: this query ran on rank {first} (ranks that failed: "
+                      f"{failed}); rank {self.rank}'s parameters and buffers are unchanged")
+        if error is not None:
+            copy.add_note(f"zokernels: rank {self.rank}'s own later query also failed: {type(error).__name__}: {error}")
+        raise copy
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ Two ways of forming θ ± μz (`mode`):
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,25 +175,55 @@ class QueryContext:
 
 def central_difference_exact(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batches: list[Any],
                              center: list[torch.Tensor], seed: int, stream: int, mu: float,
-                             where: str = "") -> tuple[float, float]:
-    """Mean losses over `batches` at center ± μz(seed, stream); the parameters are swapped, never written.
-    `where` completes the query's name in errors (e.g. ' at the anchor θ̄')."""
+                             where: str = "", signs: str = "+-") -> tuple[float, ...]:
+    """Mean losses over `batches` at center ± μz(seed, stream), one per sign in `signs` ('+-' both, in that order;
+    '+' or '-' one of them); the parameters are swapped, never written. `where` completes the query's name in
+    errors (e.g. ' at the anchor θ̄')."""
     pert.write_points(center, seed, stream, mu)
     losses = []
-    for sign, point in (("+", pert.plus), ("-", pert.minus)):
-        with pert.swapped(point):
+    for sign in signs:
+        with pert.swapped(pert.plus if sign == "+" else pert.minus):
             values = [ctx.loss(loss_fn, b, direction_query(stream, seed, sign, where + (
                 f", batch {i} of {len(batches)}" if len(batches) > 1 else ""))) for i, b in enumerate(batches)]
         losses.append(sum(values) / len(values))
-    return losses[0], losses[1]
+    return tuple(losses)
+
+
+Query = tuple[int, str]  # (direction j, '+' or '-'): the loss at θ ± μz(seed, j)
+
+
+def all_queries(q: int) -> list[Query]:
+    """The 2q queries of a MeZO step in the order a single process evaluates them: (0,+), (0,−), (1,+), ..."""
+    return [(j, sign) for j in range(q) for sign in "+-"]
+
+
+def exact_query_losses(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, mu: float,
+                       queries: list[Query]) -> list[float]:
+    """The losses of `queries` (a run of all_queries(q), in its order) on `batch`, exact mode: θ is never written.
+    mezo_step evaluates all of them; a perturbation-parallel rank (zokernels.distributed) a contiguous block."""
+    losses: list[float] = []
+    for j, group in itertools.groupby(queries, key=lambda query: query[0]):
+        signs = "".join(sign for _, sign in group)
+        losses.extend(central_difference_exact(ctx, pert, loss_fn, [batch], pert.params, seed, j, mu, signs=signs))
+    return losses
+
+
+def pair_losses(losses: list[float]) -> list[tuple[float, float]]:
+    """(ℓ⁺_j, ℓ⁻_j) per direction from the losses of all_queries(q), in that order."""
+    return list(zip(losses[0::2], losses[1::2]))
+
+
+def projected_grads(pairs: list[tuple[float, float]], mu: float) -> list[float]:
+    """g_j = (ℓ⁺_j − ℓ⁻_j) / (2μ) in Python float64: the same bits wherever the same losses are combined."""
+    return [(plus - minus) / (2.0 * mu) for plus, minus in pairs]
 
 
 def _inplace_directions(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, q: int,
-                        mu: float) -> tuple[list[float], list[tuple[float, float]]]:
+                        mu: float) -> list[tuple[float, float]]:
     """θ += μz_j; ℓ⁺; θ −= 2μz_j; ℓ⁻ for each j, leaving θ at θ − μz_{q−1} (+ rounding): the caller's final sweep
     restores and updates. The restore of z_j shares the sweep that perturbs along z_{j+1}."""
     pending: list[tuple[int, float]] = []  # what has to be added to return θ to its value
-    grads, pairs = [], []
+    pairs = []
     try:
         for j in range(q):
             pert.sweep(seed, [(stream, coeff) for stream, coeff in pending] + [(j, mu)])
@@ -201,13 +232,12 @@ def _inplace_directions(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, 
             pert.sweep(seed, [(j, -2.0 * mu)])
             pending = [(j, mu)]
             minus = ctx.loss(loss_fn, batch, direction_query(j, seed, "-"))
-            grads.append((plus - minus) / (2.0 * mu))
             pairs.append((plus, minus))
     except BaseException:
         if pending:
             pert.sweep(seed, pending)
         raise
-    return grads, pairs
+    return pairs
 
 
 def mezo_update_terms(grads: list[float], lr: float) -> list[tuple[int, float]]:
@@ -272,20 +302,26 @@ def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None,
     restored = RESTORED if mode == "exact" else INPLACE_RESTORED
     with QueryContext(model, [pert.params[0].device], restored) as ctx:
         if mode == "exact":
-            grads, pairs = [], []
-            for j in range(q):
-                plus, minus = central_difference_exact(ctx, pert, loss_fn, [batch], pert.params, seed, j, mu)
-                grads.append((plus - minus) / (2.0 * mu))
-                pairs.append((plus, minus))
+            pairs = pair_losses(exact_query_losses(ctx, pert, loss_fn, batch, seed, mu, all_queries(q)))
+            grads = projected_grads(pairs, mu)
             terms = mezo_update_terms(grads, lr)
         else:
-            grads, pairs = _inplace_directions(ctx, pert, loss_fn, batch, seed, q, mu)
+            pairs = _inplace_directions(ctx, pert, loss_fn, batch, seed, q, mu)
+            grads = projected_grads(pairs, mu)
             terms = mezo_update_terms(grads, lr)
             last, coeff = terms[-1]
             terms[-1] = (last, mu + coeff)  # the restore of the last direction joins the update sweep
+    return finish_step(pert, seed, pairs, grads, terms, update, accumulate)
+
+
+def finish_step(pert: Perturbation, seed: int, pairs: list[tuple[float, float]], grads: list[float],
+                terms: list[tuple[int, float]], update: bool, accumulate: bool) -> MeZOResult:
+    """After the queries: the update sweep `terms` (update=True) or ĝ into `.grad` (update=False), and the result.
+    Every process that holds the same pairs, grads and terms writes the same bits."""
     if not update:
         write_grads(pert.params, spsa_estimate(pert, seed, grads), accumulate)
     elif any(c != 0.0 for _, c in terms):
         pert.sweep(seed, terms)
+    q = len(pairs)
     loss = sum((a + b) / 2.0 for a, b in pairs) / q
     return MeZOResult(loss=loss, num_queries=2 * q, backend=pert.backend, seed=seed, projected_grads=grads)
