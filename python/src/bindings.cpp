@@ -1,10 +1,13 @@
 // The only C++ that touches Python: the pybind11 module zokernels._C.
-// Tensors cross as (data_ptr, numel, dtype code); zokernels/backends.py validates them before any call.
+// Kernel ops are registered as <op>_<backend> (cpu, cuda); tensors cross as addresses, checked against each op's
+// declaration by zokernels/kernels/native.py before any call. philox_normal_scalar is a test oracle, not an op.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../../csrc/cpu/philox_cpu.h"
@@ -40,31 +43,34 @@ void set_openmp_threads(int n) {
 #endif
 }
 
-// tensors: list of (data_ptr, numel, global_offset, dtype_code); terms: list of (stream, coeff); sources: empty
-// (in place) or one data_ptr per tensor to read from (out of place, same numel and dtype); minus: empty or one
-// data_ptr per tensor that receives source - combination.
-void philox_axpy_multi(const std::vector<std::tuple<uintptr_t, int64_t, uint64_t, int>>& tensors, uint64_t seed,
-                       const std::vector<std::tuple<uint64_t, float>>& terms,
-                       const std::vector<uintptr_t>& sources, const std::vector<uintptr_t>& minus) {
+// The philox_sweep op's cpu variant. tensors: data addresses, with their numels, global offsets and dtype codes;
+// terms: (stream, coeff); sources: empty (in place) or one address per tensor to read from (out of place, same
+// numel and dtype); minus: empty or one address per tensor that receives source - combination.
+void philox_sweep(const std::vector<uintptr_t>& tensors, const std::vector<int64_t>& numels,
+                  const std::vector<uint64_t>& offsets, const std::vector<int>& dtypes, uint64_t seed,
+                  const std::vector<std::tuple<uint64_t, float>>& terms, const std::vector<uintptr_t>& sources,
+                  const std::vector<uintptr_t>& minus) {
+  const size_t n = tensors.size();
+  for (const auto& [name, size] : {std::pair{"numels", numels.size()}, std::pair{"offsets", offsets.size()},
+                                   std::pair{"dtypes", dtypes.size()}}) {
+    if (size != n)
+      throw py::value_error(std::string(name) + " must have one entry per tensor (" + std::to_string(n) + "), got " +
+                            std::to_string(size));
+  }
+  for (const auto& [name, list] : {std::pair{"sources", &sources}, std::pair{"minus", &minus}}) {
+    if (!list->empty() && list->size() != n)
+      throw py::value_error(std::string(name) + " must be empty or have one entry per tensor (" + std::to_string(n) +
+                            "), got " + std::to_string(list->size()));
+  }
   std::vector<TensorView> views;
-  for (const auto& [ptr, numel, offset, dtype] : tensors) {
-    if (dtype < 0 || dtype > 3) throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtype));
-    views.push_back({as_pointer(ptr), numel, offset, static_cast<DType>(dtype)});
+  for (size_t i = 0; i < n; ++i) {
+    if (dtypes[i] < 0 || dtypes[i] > 3) throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtypes[i]));
+    views.push_back({as_pointer(tensors[i]), numels[i], offsets[i], static_cast<DType>(dtypes[i])});
+    if (!sources.empty()) views[i].src = as_pointer(sources[i]);
+    if (!minus.empty()) views[i].minus = as_pointer(minus[i]);
   }
   std::vector<StreamTerm> stream_terms;
   for (const auto& [stream, coeff] : terms) stream_terms.push_back({stream, coeff});
-  if (!sources.empty()) {
-    if (sources.size() != views.size())
-      throw py::value_error("sources must have one entry per tensor (" + std::to_string(views.size()) + "), got " +
-                            std::to_string(sources.size()));
-    for (size_t i = 0; i < views.size(); ++i) views[i].src = as_pointer(sources[i]);
-  }
-  if (!minus.empty()) {
-    if (minus.size() != views.size())
-      throw py::value_error("minus must have one entry per tensor (" + std::to_string(views.size()) + "), got " +
-                            std::to_string(minus.size()));
-    for (size_t i = 0; i < views.size(); ++i) views[i].minus = as_pointer(minus[i]);
-  }
   py::gil_scoped_release release;
   zokernels::philox_axpy_multi_cpu(views, seed, stream_terms);
 }
@@ -72,7 +78,12 @@ void philox_axpy_multi(const std::vector<std::tuple<uintptr_t, int64_t, uint64_t
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "zokernels compiled CPU kernels (OpenMP); see zokernels/backends.py";
+  m.doc() = "zokernels compiled kernels; called through zokernels/kernels/native.py (one declaration per op)";
+  // The dtype codes the kernels read (DType); zokernels/kernels/native.py DTYPE_CODES must agree (tested).
+  m.attr("dtype_codes") = py::dict(py::arg("float32") = static_cast<int>(DType::kFloat32),
+                                   py::arg("float64") = static_cast<int>(DType::kFloat64),
+                                   py::arg("float16") = static_cast<int>(DType::kFloat16),
+                                   py::arg("bfloat16") = static_cast<int>(DType::kBFloat16));
   m.attr("has_openmp") =
 #ifdef _OPENMP
       true;
@@ -85,27 +96,26 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda") = false;
 #endif
   zokernels_bindings::register_cuda_philox(m);
-  zokernels_bindings::register_cuda_cge(m);
-  zokernels_bindings::register_cge_cpu(m);
+  zokernels_bindings::register_cge(m);
   zokernels_bindings::register_engine_cpu(m);
   m.def("openmp_max_threads", &openmp_max_threads);
   m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
   m.def(
-      "philox_uint32",
+      "philox_uint32_cpu",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
         py::gil_scoped_release release;
         zokernels::philox_uint32_cpu(static_cast<uint32_t*>(as_pointer(out)), n, seed, stream, offset);
       },
       py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
   m.def(
-      "philox_normal",
+      "philox_normal_cpu",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
         py::gil_scoped_release release;
         zokernels::philox_normal_cpu(static_cast<float*>(as_pointer(out)), n, seed, stream, offset);
       },
       py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
   m.def(
-      "philox_normal_sumsq",
+      "philox_normal_sumsq_cpu",
       [](int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
         py::gil_scoped_release release;
         return zokernels::philox_normal_sumsq_cpu(n, seed, stream, offset);
@@ -118,6 +128,6 @@ PYBIND11_MODULE(_C, m) {
         zokernels::philox_normal_scalar_cpu(static_cast<float*>(as_pointer(out)), n, seed, stream, offset);
       },
       py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("stream"), py::arg("offset"));
-  m.def("philox_axpy_multi", &philox_axpy_multi, py::arg("tensors"), py::arg("seed"), py::arg("terms"),
-        py::arg("sources") = std::vector<uintptr_t>{}, py::arg("minus") = std::vector<uintptr_t>{});
+  m.def("philox_sweep_cpu", &philox_sweep, py::arg("tensors"), py::arg("numels"), py::arg("offsets"),
+        py::arg("dtypes"), py::arg("seed"), py::arg("terms"), py::arg("sources"), py::arg("minus"));
 }

@@ -1,5 +1,6 @@
 // pybind11 glue for the engine's CPU kernels (csrc/cpu/batchnorm_replicas_cpu.*). Tensors cross as data_ptr
-// ints; zokernels/engine/fused.py checks dtype, layout and shapes before calling.
+// ints; zokernels/kernels/batchnorm.py declares them (kernels/native.py checks the tensors) and engine/fused.py
+// checks the layout before calling.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -15,7 +16,7 @@ namespace zokernels_bindings {
 
 void register_engine_cpu(py::module_& m) {
   m.def(
-      "batchnorm_replicas",
+      "batchnorm_replicas_cpu",
       [](uintptr_t x, uintptr_t out, int64_t replicas, int64_t rows, int64_t channels, uintptr_t center,
          uintptr_t weight, uintptr_t bias, double eps, bool relu) {
         py::gil_scoped_release release;
@@ -27,7 +28,7 @@ void register_engine_cpu(py::module_& m) {
       py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("relu"),
       "Per-replica training-mode BN (+ReLU) over channels-last [K, N, C] float32; weight/bias may be 0 (none).");
   m.def(
-      "batchnorm_delta",
+      "batchnorm_delta_cpu",
       [](uintptr_t delta, uintptr_t centered, uintptr_t root, uintptr_t weight, uintptr_t base_out, uintptr_t out,
          int64_t replicas, int64_t rows, int64_t channels) {
         py::gil_scoped_release release;
@@ -40,7 +41,7 @@ void register_engine_cpu(py::module_& m) {
       py::arg("out"), py::arg("replicas"), py::arg("rows"), py::arg("channels"),
       "Exact change of training-mode BN (and ReLU when base_out != 0) for K replicas of channels-last δ rows.");
   m.def(
-      "residual_relu_delta",
+      "residual_relu_delta_cpu",
       [](uintptr_t a, uintptr_t b, uintptr_t y, uintptr_t out, int64_t replicas, int64_t numel) {
         py::gil_scoped_release release;
         zokernels::residual_relu_delta_cpu(as<const float*>(a), as<const float*>(b),

@@ -1,5 +1,6 @@
-"""Backend discovery and dispatch. The torch backend always works; the others are used when present, and one
-asked for explicitly that cannot run raises an error that says why (see `availability()`)."""
+"""Backend discovery and the one backend decision (`choose_backend`, which kernels/ reaches through
+kernels.dispatch). The torch backend always works; the others are used when present, and one asked for explicitly
+that cannot run raises an error that says why (see `availability()`)."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -106,22 +107,53 @@ def availability() -> dict[str, BackendStatus]:
     return {name: status(name) for name in BACKENDS}
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """The backend to run on `device`: the requested one (error if it cannot run), else the fastest present.
-    ZOKERNELS_BACKEND sets the default request."""
-    requested = requested or os.environ.get("ZOKERNELS_BACKEND") or None
-    if requested is not None and requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    status = availability()
+# The one backend decision, for kernel ops (through kernels.dispatch) and for the model-level default alike.
+_GPU_ORDER = ("cuda", "triton", "torch")
+_CPU_ORDER = ("cpu", "torch")
+_COMPILED = ("cpu", "cuda")  # the backends whose kernels are _C functions
+
+
+def refusal(name: str, device: torch.device, symbol: str | None = None) -> str | None:
+    """Why backend `name` cannot run on tensors on `device` (None when it can); `symbol`: the _C function it calls."""
+    state = status(name)
+    if not state.available:
+        return state.reason
+    if symbol is not None and not hasattr(_C, symbol):
+        return f"zokernels._C has no {symbol} (built from older sources: reinstall)"
+    if name in ("cuda", "cpu") and device.type != name:
+        return f"the {name} backend needs {name.upper()} tensors, got tensors on {device}"
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if name == "triton" and device.type != "cuda" and not interpreted:
+        return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for tests), got tensors on {device}"
+    return None
+
+
+def choose_backend(op: str | None, implemented: tuple[str, ...], requested: str | None, device: torch.device,
+                   automatic: tuple[str, ...] | None = None) -> str:
+    """The backend that runs `op` on `device`: on CUDA tensors cuda -> triton -> torch, on CPU tensors cpu -> torch,
+    restricted to the backends `op` implements; its compiled ones are _C.<op>_cpu / _C.<op>_cuda (op None: the
+    model-level choice, no _C function to look for). `automatic`: those chosen without a request (default: all
+    implemented) — a twin slower than torch is left out there but stays available on request. A requested backend
+    that cannot run raises an error saying why; the Triton interpreter is never picked automatically."""
+    symbol = lambda name: f"{op}_{name}" if op is not None and name in _COMPILED else None  # noqa: E731
     if requested is not None:
-        if not status[requested].available:
-            raise RuntimeError(f"backend {requested!r} is not available: {status[requested].reason}")
-        if requested == "cpu" and device.type != "cpu":
-            raise RuntimeError(f"backend 'cpu' runs on CPU tensors, but the model is on {device}")
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
+        if requested not in implemented:
+            raise ValueError(f"{op} has no {requested!r} implementation; it has {implemented}")
+        reason = refusal(requested, device, symbol(requested))
+        if reason is not None:
+            raise RuntimeError(f"backend {requested!r} is not available: {reason}" if op is None
+                               else f"{op}: backend {requested!r} cannot run: {reason}")
         return requested
-    if device.type == "cpu":
-        return "cpu" if status["cpu"].available else "torch"
-    for name in ("cuda", "triton"):
-        if status[name].available:
+    order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
+    for name in order:
+        if name in (automatic or implemented) and refusal(name, device, symbol(name)) is None:
             return name
     return "torch"
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The model-level default backend on `device` (api, estimators, optim): choose_backend over every backend.
+    ZOKERNELS_BACKEND sets the default request."""
+    return choose_backend(None, BACKENDS, requested or os.environ.get("ZOKERNELS_BACKEND") or None, device)

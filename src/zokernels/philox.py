@@ -3,8 +3,9 @@
 A direction over a list of tensors is one stream; tensor t's elements use global offsets starting at the sum of
 the numels before it, so z does not depend on how parameters are grouped, chunked or threaded.
 
-Backends (zokernels.backends.resolve_backend): cpu (`_C`), cuda and triton (one launch per dtype), and torch, which
-generates z with torch ops on the tensors' own device (kernels/philox_torch.py). All are bit-identical.
+Backends (kernels.dispatch.choose_backend, op "philox_sweep"): cpu (`_C`), cuda and triton (one launch per dtype),
+and torch, which generates z with torch ops on the tensors' own device (kernels/philox_torch.py). All are
+bit-identical. The native signatures are declared below (kernels/native.py).
 """
 from __future__ import annotations
 
@@ -14,10 +15,28 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import backends
+from .kernels import native
+from .kernels.dispatch import KERNEL_BACKENDS, choose_backend
 from .kernels.philox_torch import philox_normal_torch, philox_uint32_torch
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SWEEP_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+_SWEPT = tuple(native.DTYPE_CODES)  # the sweeps read and write every dtype of the table
+# csrc/cpu/philox_cpu.cpp: the listed tensors in place (no sources) or out of place (sources, and minus if given).
+SWEEP_CPU = native.op(
+    "philox_sweep", native.tensors("tensors"), "numels", "offsets", native.dtype_codes("dtypes", of="tensors"),
+    "seed", "terms", native.tensors("sources", optional=True), native.tensors("minus", optional=True),
+    backends=("cpu",), element_types=_SWEPT)
+# csrc/cuda/philox_sweep.cu: one launch over device tables of addresses (_geometry) for the tensors of one dtype.
+SWEEP_CUDA = native.op(
+    "philox_sweep", native.tensor("table", dtypes=(torch.int64,)), native.tensor("tiles", dtypes=(torch.int64,)),
+    "n_tiles", native.tensor("words", dtypes=(torch.int64,)), native.tensor("floats", dtypes=(torch.float32,)),
+    "n_terms", native.dtype_code("dtype"), "has_minus", backends=("cuda",))
+# Host-side generators (csrc/cpu/philox_cpu.cpp): the raw words are written as int32 and read back as uint32.
+NORMAL = native.op("philox_normal", native.tensor("out", dtypes=(torch.float32,)), "n", "seed", "stream", "offset",
+                   backends=("cpu",))
+UINT32 = native.op("philox_uint32", native.tensor("out", dtypes=(torch.int32,)), "n", "seed", "stream", "offset",
+                   backends=("cpu",))
+NORMAL_SUMSQ = native.op("philox_normal_sumsq", "n", "seed", "stream", "offset", backends=("cpu",))
 _UINT64_MAX = 2**64 - 1
 # Elements per program (Triton) / per thread block (CUDA: 256 threads x one Philox block of 4 elements each).
 TRITON_BLOCK = 2048
@@ -36,11 +55,14 @@ def _resolve(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     devices = {t.device for t in tensors} or {torch.device("cpu")}
     if len(devices) != 1:
         raise ValueError(f"tensors must all be on one device, got {sorted(map(str, devices))}")
-    return backends.resolve_backend(backend, devices.pop())
+    return choose_backend(SWEEP_CPU.name, SWEEP_IMPLEMENTED, backend, devices.pop())
 
 
-def _use_cpu_ext(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
-    return _resolve(tensors, backend) == "cpu"
+def _use_cpu_ext(op: native.NativeOp, backend: str | None) -> bool:
+    """Whether a host-side generator (its result lives on the CPU) runs `op` in _C; otherwise torch's generator.
+    A GPU backend asked for is the sweeps' backend: z is the same number on every backend, so torch serves it."""
+    requested = "torch" if backend in KERNEL_BACKENDS else backend
+    return choose_backend(op.name, ("cpu", "torch"), requested, torch.device("cpu")) == "cpu"
 
 
 def _check_offsets(offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -56,9 +78,9 @@ def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: 
     seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if _use_cpu_ext([], backend):
+    if _use_cpu_ext(NORMAL, backend):
         out = torch.empty(n, dtype=torch.float32)
-        backends._C.philox_normal(out.data_ptr(), n, seed, stream, offset)
+        NORMAL("cpu", out, n, seed, stream, offset)
         return out
     return philox_normal_torch(n, seed, stream, offset)
 
@@ -66,10 +88,10 @@ def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: 
 def philox_uint32(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> np.ndarray:
     """The raw uint32 Philox words behind z (for tests and cross-backend checks)."""
     seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
-    if _use_cpu_ext([], backend):
-        out = np.empty(n, dtype=np.uint32)
-        backends._C.philox_uint32(out.ctypes.data, n, seed, stream, offset)
-        return out
+    if _use_cpu_ext(UINT32, backend):
+        out = torch.empty(n, dtype=torch.int32)
+        UINT32("cpu", out, n, seed, stream, offset)
+        return out.numpy().view(np.uint32)
     return philox_uint32_torch(n, seed, stream, offset).numpy().astype(np.uint32)
 
 
@@ -84,8 +106,8 @@ def stream_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
 
 def normal_sumsq(numel: int, seed: int, stream: int, offset: int, backend: str | None = None) -> float:
     """Σ z(seed, stream, offset + i)² over i < numel, without materializing z on the cpu backend."""
-    if _use_cpu_ext([], backend):
-        return float(backends._C.philox_normal_sumsq(numel, _check_seed("seed", seed), stream, offset))
+    if _use_cpu_ext(NORMAL_SUMSQ, backend):
+        return float(NORMAL_SUMSQ("cpu", numel, _check_seed("seed", seed), stream, offset))
     # z is generated on the CPU (the result is a host float); the float64 sum keeps numpy's dot order.
     z = philox_normal_torch(numel, seed, stream, offset).numpy().astype(np.float64)
     return float(np.dot(z, z))
@@ -105,7 +127,7 @@ def _check_sweep_targets(tensors: Sequence[torch.Tensor], name: str = "tensors")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPE_CODES:
+        if t.dtype not in native.DTYPE_CODES:
             raise TypeError(f"{name}[{i}] must be float32/float64/float16/bfloat16, got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name}[{i}] must be contiguous (the sweep reads and writes its storage in order), "
@@ -140,11 +162,11 @@ def add_normal_combination_(
     if resolved == "cpu":
         # Per-tensor scales are folded into the coefficients: one call per distinct scale keeps one pass each.
         for scale in sorted(set(scales)):
-            group = [(t.data_ptr(), t.numel(), o, _DTYPE_CODES[t.dtype])
-                     for t, o, s in zip(tensors, offsets, scales) if s == scale and t.numel() > 0]
+            group = [(t, o) for t, o, s in zip(tensors, offsets, scales) if s == scale and t.numel() > 0]
             scaled_terms = [(int(stream), float(np.float32(coeff) * np.float32(scale))) for stream, coeff in terms]
             if group:
-                backends._C.philox_axpy_multi(group, seed, scaled_terms)
+                SWEEP_CPU("cpu", [t for t, _ in group], [t.numel() for t, _ in group], [o for _, o in group], seed,
+                          scaled_terms)
         return
     for t, offset, scale in zip(tensors, offsets, scales):
         combination = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
@@ -195,9 +217,8 @@ def normal_combination_into(
         return
     if resolved == "cpu":
         keep = [i for i, o in enumerate(out) if o.numel() > 0]
-        backends._C.philox_axpy_multi(
-            [(out[i].data_ptr(), out[i].numel(), offsets[i], _DTYPE_CODES[out[i].dtype]) for i in keep], seed,
-            terms32, [sources[i].data_ptr() for i in keep], [minus[i].data_ptr() for i in keep] if minus else [])
+        SWEEP_CPU("cpu", [out[i] for i in keep], [out[i].numel() for i in keep], [offsets[i] for i in keep], seed,
+                  terms32, [sources[i] for i in keep], [minus[i] for i in keep] if minus else None)
         return
     for i, (o, s, offset) in enumerate(zip(out, sources, offsets)):
         d = torch.zeros(o.numel(), dtype=torch.float32, device=o.device)
@@ -255,15 +276,14 @@ def device_sweep(backend: str, out: list, sources: list, minus: list | None, off
         if not keep:
             continue
         device = out[keep[0]].device
-        rows = [(out[i].data_ptr(), sources[i].data_ptr(), minus[i].data_ptr() if minus is not None else 0,
+        rows = [(native.address(out[i]), native.address(sources[i]), native.address(minus[i] if minus else None),
                  out[i].numel(), offsets[i]) for i in keep]
         table, tiles = _geometry(rows, block, device)
         words_t = torch.tensor(words, dtype=torch.int64).to(device)
         floats_t = torch.tensor([c for _, c in terms32] + [scales32[i] for i in keep], dtype=torch.float32).to(device)
         if backend == "cuda":
-            backends._C.philox_sweep_cuda(table.data_ptr(), tiles.data_ptr(), tiles.shape[0], words_t.data_ptr(),
-                                          floats_t.data_ptr(), len(terms32), _DTYPE_CODES[dtype], minus is not None,
-                                          torch.cuda.current_stream(device).cuda_stream)
+            SWEEP_CUDA("cuda", table, tiles, tiles.shape[0], words_t, floats_t, len(terms32), dtype,
+                       minus is not None)
         else:
             from .kernels.triton.philox_sweep import philox_sweep_triton
 

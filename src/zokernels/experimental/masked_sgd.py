@@ -11,10 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.dispatch import DTYPE_CODES, choose_backend, cuda_stream
+from ..kernels import native
+from ..kernels.dispatch import choose_backend
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 DENSE_BLOCK = 1024
+# _C.cge_masked_sgd_cuda (csrc/cuda/cge_sparse.cu) and its C++ CPU twin (csrc/cpu/cge_cpu.cpp). The parameters,
+# gradients and buffers travel as address tables (int64 tensors); values and hyper carry the element type.
+NATIVE = native.op(
+    "cge_masked_sgd",
+    *(native.tensor(name, dtypes=(torch.int64,)) for name in ("params", "grads", "buffers", "numels")),
+    "n_params", native.tensor("param_ids", dtypes=(torch.int32,)), native.tensor("elements", dtypes=(torch.int64,)),
+    native.tensor("values"), "n", native.tensor("hyper"), "update", "dense", "max_numel", "flags",
+    native.ELEMENT_CODE)
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def _check(params, index: MaskIndex, values) -> None:
         raise ValueError("params must be a non-empty list of tensors")
     first = params[0]
     for i, p in enumerate(params):
-        if not isinstance(p, torch.Tensor) or p.dtype not in DTYPE_CODES or p.device != first.device:
+        if not isinstance(p, torch.Tensor) or p.dtype not in NATIVE.element_types or p.device != first.device:
             raise TypeError(f"params[{i}] must be a float32/float64 tensor on {first.device} like params[0]"
                             f" ({first.dtype}), got {getattr(p, 'dtype', type(p).__name__)}")
         if p.dtype != first.dtype or not p.is_contiguous():
@@ -102,15 +111,11 @@ def _offset_table(base: torch.Tensor, tensors) -> torch.Tensor:
     """Element offsets of each tensor from `base` (the flattened index encoding the Triton kernels read)."""
     size, offsets = base.element_size(), []
     for t in tensors:
-        distance = t.data_ptr() - base.data_ptr()
+        distance = native.address(t) - native.address(base)
         if distance % size:
-            raise ValueError(f"tensor at {t.data_ptr():#x} is not aligned to {size} bytes from params[0]")
+            raise ValueError(f"tensor at {native.address(t):#x} is not aligned to {size} bytes from params[0]")
         offsets.append(distance // size)
     return torch.tensor(offsets, dtype=torch.int64, device=base.device)
-
-
-def _pointer_table(tensors, device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
 
 def _dense_chunks(params, block: int):
@@ -138,18 +143,12 @@ def _run(chosen, params, grads, buffers, index, values, hyper, update: bool, den
         else:
             masked_coordinates_triton(table, index, values, hyper, update)
         return
-    from ..backends import _C
     device = params[0].device
-    tables = [_pointer_table(t, device) for t in (params, grads, buffers)]
     flags = [hyper.weight_decay != 0, hyper.momentum != 0, hyper.first_step, hyper.nesterov]
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
-    args = (*(t.data_ptr() for t in tables), numels.data_ptr(), len(params), index.param_ids.data_ptr(),
-            index.elements.data_ptr(), values.data_ptr(), len(index), hyper.table.data_ptr(), update, dense,
-            max(p.numel() for p in params), flags, DTYPE_CODES[params[0].dtype])
-    if chosen == "cpu":
-        _C.cge_masked_sgd_cpu(*args)
-    else:
-        _C.cge_masked_sgd_cuda(*args, cuda_stream(device))
+    NATIVE(chosen, *(native.address_table(t, device) for t in (params, grads, buffers)), numels, len(params),
+           index.param_ids, index.elements, values, len(index), hyper.table, update, dense,
+           max(p.numel() for p in params), flags)
 
 
 def _torch_coordinates(params, grads, buffers, index, values, hyper, update: bool) -> None:
@@ -183,7 +182,7 @@ def masked_sgd_(params, index: MaskIndex, values: torch.Tensor, hyper: SGDHyper,
             b.shape != p.shape or b.dtype != p.dtype or not b.is_contiguous() for b, p in zip(buffers, params))):
         raise ValueError("buffers must hold one contiguous momentum buffer per parameter, of its shape and dtype")
     buffers = list(buffers) if hyper.momentum != 0 else params  # never read without momentum
-    chosen = choose_backend("cge_masked_sgd", IMPLEMENTED, backend, params[0].device)
+    chosen = choose_backend(NATIVE.name, IMPLEMENTED, backend, params[0].device)
     grads = _ensure_grads(params)
     with torch.no_grad():
         if chosen == "torch":

@@ -9,11 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checks
-from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
+from . import checks, native
+from .dispatch import choose_backend
 
 BN_NONE, BN_TRAIN, BN_EVAL = 0, 1, 2
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+# _C.cge_first_layer_delta_cuda (csrc/cuda/cge_first_layer.cu) and its C++ CPU twin (csrc/cpu/cge_cpu.cpp). x and y
+# are read through the strides passed (contiguous or channels-last, checked by first_layer_delta).
+NATIVE = native.op(
+    "cge_first_layer_delta",
+    native.tensor("x", contiguous=False), native.tensor("y", contiguous=False),
+    native.tensor("coords", dtypes=(torch.int64,)), native.tensor("steps"), native.tensor("chan"),
+    native.tensor("out"), "replicas", "sizes", "strides", "geometry", "bn_mode", "relu", native.ELEMENT_CODE)
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
         raise ValueError(f"BN in train mode needs more than one value per channel (as torch's batch_norm), got y "
                          f"of shape {tuple(y.shape)}")
     # the C++ twin replays the CUDA block's 256 strided threads: a correctness twin, slower than torch on CPU
-    chosen = choose_backend("cge_first_layer_delta", IMPLEMENTED, backend, x.device, ("cuda", "triton", "torch"))
+    chosen = choose_backend(NATIVE.name, IMPLEMENTED, backend, x.device, ("cuda", "triton", "torch"))
     if chosen == "torch":
         return _first_layer_delta_torch(x, y, coords, steps, geometry, bn, relu)
     x4, y4 = (x[:, :, None, None], y[:, :, None, None]) if linear else (x, y)
@@ -121,21 +128,10 @@ def first_layer_delta(x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor, st
         from .triton.cge_first_layer import first_layer_delta_triton
         first_layer_delta_triton(x4, y4, coords64, steps, chan, out, geometry, bn_mode, relu)
     else:
-        _first_layer_delta_compiled(chosen, x4, y4, coords64, steps, chan, out, geometry, bn_mode, relu)
+        NATIVE(chosen, x4, y4, coords64, steps, chan, out, coords64.shape[0],
+               [*x4.shape, *y4.shape[1:]], [*x4.stride(), *y4.stride()], [v for p in geometry for v in p], bn_mode,
+               relu)
     return out[..., 0, 0] if linear else out
-
-
-def _first_layer_delta_compiled(chosen, x, y, coords, steps, chan, out, geometry, bn_mode, relu) -> None:
-    """_C.cge_first_layer_delta_cuda (csrc/cuda/cge_first_layer.cu) or its C++ CPU twin (csrc/cpu/cge_cpu.cpp)."""
-    from ..backends import _C
-    shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], y.shape[3]]
-    args = (x.data_ptr(), y.data_ptr(), coords.data_ptr(), steps.data_ptr(), chan.data_ptr(), out.data_ptr(),
-            coords.shape[0], shape, [*x.stride(), *y.stride()], [v for p in geometry for v in p], bn_mode, relu,
-            DTYPE_CODES[x.dtype])
-    if chosen == "cpu":
-        _C.cge_first_layer_delta_cpu(*args)
-    else:
-        _C.cge_first_layer_delta_cuda(*args, cuda_stream(x.device))
 
 
 def _seeds_torch(x4: torch.Tensor, coords: torch.Tensor, steps: torch.Tensor, out_hw, geometry) -> torch.Tensor:

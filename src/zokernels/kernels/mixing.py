@@ -7,11 +7,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import checks
-from .dispatch import DTYPE_CODES, choose_backend, cuda_stream
+from . import checks, native
+from .dispatch import choose_backend
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 AUTOMATIC = ("cuda", "triton", "torch")  # the C++ twins (plain loops) are slower than torch on CPU: on request only
+# _C.<op>_cuda (csrc/cuda/cge_mixing.cu) and their C++ CPU twins (csrc/cpu/cge_cpu.cpp). The conv reads weight and
+# writes out through the strides passed (weight contiguous or channels-last; out as allocated).
+CONV2D = native.op(
+    "cge_one_channel_conv2d",
+    native.tensor("delta"), native.tensor("channels", dtypes=(torch.int64,)),
+    native.tensor("weight", contiguous=False), native.tensor("out", contiguous=False),
+    "sizes", "strides", "geometry", native.ELEMENT_CODE)
+LINEAR = native.op(
+    "cge_one_channel_linear",
+    native.tensor("delta"), native.tensor("channels", dtypes=(torch.int64,)), native.tensor("weight"),
+    native.tensor("out"), "replicas", "batch", "n_out", "n_in", native.ELEMENT_CODE)
 
 
 def _check_channels(channels, k: int, n_in: int, device) -> torch.Tensor:
@@ -48,7 +59,7 @@ def one_channel_conv2d(delta: torch.Tensor, channels: torch.Tensor, weight: torc
     w_out = conv2d_output_size(w_in, weight.shape[3], sw, pw, dw)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"the kernel {tuple(weight.shape[2:])} does not fit the padded input {(h_in, w_in)}")
-    chosen = choose_backend("cge_one_channel_conv2d", IMPLEMENTED, backend, delta.device, AUTOMATIC)
+    chosen = choose_backend(CONV2D.name, IMPLEMENTED, backend, delta.device, AUTOMATIC)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if chosen == "torch":
         return _one_channel_conv2d_torch(delta, channels, weight, geometry).contiguous(memory_format=fmt)
@@ -60,15 +71,9 @@ def one_channel_conv2d(delta: torch.Tensor, channels: torch.Tensor, weight: torc
         from .triton.cge_mixing import one_channel_conv2d_triton
         one_channel_conv2d_triton(delta, channels, weight, out, geometry)
     else:
-        from ..backends import _C
-        args = (delta.data_ptr(), channels.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                [k, batch, h_in, w_in, weight.shape[0], weight.shape[2], weight.shape[3], h_out, w_out],
-                [*delta.stride(), *weight.stride(), *out.stride()], [v for p in geometry for v in p],
-                DTYPE_CODES[delta.dtype])
-        if chosen == "cpu":
-            _C.cge_one_channel_conv2d_cpu(*args)
-        else:
-            _C.cge_one_channel_conv2d_cuda(*args, cuda_stream(delta.device))
+        CONV2D(chosen, delta, channels, weight, out,
+               [k, batch, h_in, w_in, weight.shape[0], weight.shape[2], weight.shape[3], h_out, w_out],
+               [*delta.stride(), *weight.stride(), *out.stride()], [v for p in geometry for v in p])
     return out
 
 
@@ -92,7 +97,7 @@ def one_channel_linear(delta: torch.Tensor, channels: torch.Tensor, weight: torc
     checks.check_same("weight", weight, delta, "delta")
     k, batch = delta.shape
     channels = _check_channels(channels, k, weight.shape[1], delta.device)
-    chosen = choose_backend("cge_one_channel_linear", IMPLEMENTED, backend, delta.device, AUTOMATIC)
+    chosen = choose_backend(LINEAR.name, IMPLEMENTED, backend, delta.device, AUTOMATIC)
     if chosen == "torch":
         columns = weight.index_select(1, channels).T  # [K, out]
         return (delta.unsqueeze(-1) * columns.unsqueeze(1)).reshape(k * batch, weight.shape[0])
@@ -103,11 +108,5 @@ def one_channel_linear(delta: torch.Tensor, channels: torch.Tensor, weight: torc
         from .triton.cge_mixing import one_channel_linear_triton
         one_channel_linear_triton(delta, channels, weight, out)
     else:
-        from ..backends import _C
-        args = (delta.data_ptr(), channels.data_ptr(), weight.data_ptr(), out.data_ptr(), k, batch, weight.shape[0],
-                weight.shape[1], DTYPE_CODES[delta.dtype])
-        if chosen == "cpu":
-            _C.cge_one_channel_linear_cpu(*args)
-        else:
-            _C.cge_one_channel_linear_cuda(*args, cuda_stream(delta.device))
+        LINEAR(chosen, delta, channels, weight, out, k, batch, weight.shape[0], weight.shape[1])
     return out
