@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import zokernels.optim as zo
 from zokernels.estimators.common import NonFiniteLossError
-from zokernels.reference.optim_ref import zo_step_ref
+from zokernels.reference.optim_ref import svrg_step_ref, zo_step_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -359,3 +359,152 @@ def test_measured_extra_memory_matches_formula(make, exact):
         assert measured == fixed
     else:
         assert fixed <= measured <= formula["total_bound"]
+
+
+# ---- MeZO-SVRG ----------------------------------------------------------------------------------------------------
+def svrg_problem(dtype):
+    """The make_problem MLP with minibatches (4 of the 12 examples, a different one each step) and a full batch of
+    two chunks whose mean is the loss on all 12."""
+    model, params, _, _ = make_problem(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, generator=g).to(dtype)
+    y = torch.randint(0, 3, (12,), generator=g)
+
+    def loss_on(idx):
+        return lambda: F.cross_entropy(model(x[idx]).double(), y[idx])
+
+    full = [loss_on(torch.arange(0, 6)), loss_on(torch.arange(6, 12))]
+    minibatches = [loss_on(torch.randperm(12, generator=g)[:4]) for _ in range(6)]
+    return params, full, minibatches
+
+
+def evaluated_at(params, closure):
+    def at(points):
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p, v in zip(params, points):
+                p.copy_(v)
+            value = float(closure())
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        return value
+
+    return at
+
+
+def svrg_twin(opt, params, before, anchor, anchor_terms, t, closure, full, lr_scale=1.0):
+    group = opt.param_groups[0]
+    return svrg_step_ref(before, anchor, anchor_terms, group["lr"] * lr_scale, group["lr_anchor"] * lr_scale, opt.mu,
+                         opt.q, opt.anchor_every, opt.seed, t, evaluated_at(params, closure),
+                         [evaluated_at(params, c) for c in full])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
+@pytest.mark.parametrize("q", [1, 3])
+def test_svrg_matches_float64_twin(q, dtype):
+    """Steps 0 and 3 are anchor steps (anchor_every = 3), 1, 2 and 4 minibatch steps against the stored anchor."""
+    params, full, minibatches = svrg_problem(DTYPES[dtype])
+    seen = []
+    recorded = [lambda c=c: seen.append([p.detach().clone() for p in params]) or c() for c in full]
+    opt = zo.ZOSVRG(params, lr=0.05, full_batch=recorded, mu=0.02, q=q, anchor_every=3, lr_anchor=0.1, seed=7)
+    ratios = []
+    for step in range(5):
+        before = [p.detach().clone() for p in params]
+        anchor = [opt.state[p]["anchor"].clone() for p in params]
+        anchor_terms = list(opt.anchor_terms)
+        seen.clear()
+        wrapped, seen_mini = recording(minibatches[step], params)
+        opt.step(wrapped)
+        info = opt.last_step
+        ref = svrg_twin(opt, params, before, anchor, anchor_terms, step, minibatches[step], full)
+        calls = seen + seen_mini  # an anchor step calls only the full batch, a minibatch step only the closure
+        # anchor step: 2 signs × 2 chunks per direction; minibatch step: 2 signs × (θ, θ̃)
+        assert len(calls) == len(ref.points) == info.forwards == 4 * q
+        for got, want in zip(calls, ref.points):
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)), "query point differs"
+        assert info.losses == ref.losses and info.coefficients == ref.coefficients
+        assert opt.anchor_terms == ref.anchor_terms
+        assert all(torch.equal(opt.state[p]["anchor"], a) for p, a in zip(params, ref.anchor))
+        for i, p in enumerate(params):
+            got = p.detach().double().reshape(-1).numpy()
+            assert within(got, ref.params[i], ref.bounds[i]), f"step {step} tensor {i} outside the twin's bound"
+            delta = np.abs(ref.params[i] - before[i].double().reshape(-1).numpy())
+            ratios.append(np.median(ref.bounds[i]) / max(np.median(delta), 1e-300))
+        if dtype == "fp32" and step in (0, 1):  # the bound can fail, on an anchor step and on a minibatch step
+            wrong = svrg_twin(opt, params, before, anchor, anchor_terms, step, minibatches[step], full, 1 + 1e-4)
+            got = [p.detach().double().reshape(-1).numpy() for p in params]
+            assert not all(within(g, r, bd) for g, r, bd in zip(got, wrong.params, wrong.bounds))
+    assert np.median(ratios) < 0.5, f"bound not small against the update: {np.median(ratios):.3g}"
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+@pytest.mark.parametrize("anchor_step", [True, False])
+def test_svrg_failing_closure_leaves_everything_bit_identical(anchor_step, how):
+    params, full, minibatches = svrg_problem(torch.float32)
+    fail = {"at": None, "calls": 0}
+
+    def counted(closure):
+        def wrapped():
+            fail["calls"] += 1
+            if fail["calls"] == fail["at"]:
+                if how == "raise":
+                    raise RuntimeError("closure failed")
+                return torch.tensor(float("nan"))
+            return closure()
+        return wrapped
+
+    opt = zo.ZOSVRG(params, lr=0.05, full_batch=[counted(c) for c in full], mu=0.02, q=2, anchor_every=2,
+                    lr_anchor=0.1, seed=5)
+    for k in range(2 if anchor_step else 3):  # anchor and ĝ_a exist; the next step is an anchor / minibatch step
+        opt.step(counted(minibatches[k]))
+    assert opt.is_anchor_step(opt.t) == anchor_step
+    closure = counted(minibatches[4])
+    forwards = 8
+    for fail_at in (1, 2, forwards):
+        before_params, before_state = [p.detach().clone() for p in params], opt.state_dict()
+        rng = torch.get_rng_state()
+        fail["calls"], fail["at"] = 0, fail_at
+        with pytest.raises(RuntimeError if how == "raise" else NonFiniteLossError):
+            opt.step(closure)
+        assert fail["calls"] == fail_at
+        assert all(torch.equal(p, b) for p, b in zip(params, before_params))
+        assert deep_equal(opt.state_dict(), before_state)
+        assert torch.equal(torch.get_rng_state(), rng)
+    fail["at"] = None
+    opt.step(closure)
+    assert opt.last_step.forwards == forwards
+
+
+def test_svrg_resumes_exactly_and_states_its_memory():
+    params, full, minibatches = svrg_problem(torch.float32)
+    opt = zo.ZOSVRG(params, lr=0.05, full_batch=full, mu=0.02, q=2, anchor_every=3, lr_anchor=0.1, seed=5)
+    for k in range(2):
+        opt.step(minibatches[k])
+    params2, full2, minibatches2 = svrg_problem(torch.float32)
+    resumed = zo.ZOSVRG(params2, lr=0.05, full_batch=full2, seed=999)
+    resumed.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for a, b in zip(params2, params):
+            a.copy_(b)
+    for k in range(2, 5):
+        opt.step(minibatches[k])
+        resumed.step(minibatches2[k])
+        assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
+    copy = sum(p.numel() * p.element_size() for p in params)
+    assert held == copy == opt.memory_formula()["state"] == opt.memory_formula()["restore_copy"]
+    assert len(opt.anchor_terms) == opt.q  # ĝ_a: q scalars and their streams, not a dense vector
+
+
+def test_svrg_bad_arguments_are_named():
+    params, full, _ = svrg_problem(torch.float32)
+    for kwargs, error, match in [({"full_batch": None}, TypeError, "full_batch"),
+                                 ({"full_batch": []}, TypeError, "full_batch"),
+                                 ({"full_batch": [full[0], 3]}, TypeError, r"full_batch\[1\]"),
+                                 ({"anchor_every": 0}, ValueError, "anchor_every"),
+                                 ({"lr_anchor": -1.0}, ValueError, "lr_anchor"),
+                                 ({"lr": float("nan")}, ValueError, "lr")]:
+        with pytest.raises(error, match=match):
+            zo.ZOSVRG(params, **{"lr": 0.1, "full_batch": full, **kwargs})
+    with pytest.raises(ValueError, match="momentum"):
+        zo.ZOSVRG([{"params": params, "momentum": 0.9}], lr=0.1, full_batch=full)

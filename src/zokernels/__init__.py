@@ -15,7 +15,7 @@ from .engine.explain import explain
 from .estimators.common import NonFiniteLossError, StepResult, default_loss
 from .estimators.mezo import mezo_step
 from .estimators.stacked import stacked_cge_step
-from .estimators.svrg import ZOSVRG
+from .optim.model_svrg import ZOSVRG
 from . import optim  # zokernels.optim: ZOSGD, ZOAdam, ZOSignSGD, ZOConservative, FZOO, HiZOO, LeZO
 
 __version__ = "0.1.0"

@@ -1,4 +1,8 @@
-"""MeZO-SVRG (Gautam et al., ICML 2024), Algorithm 1 as written:
+"""SUPERSEDED: zokernels.ZOSVRG is now src/zokernels/optim/model_svrg.py, a wrapper over zokernels.optim.ZOSVRG (the
+one implementation). This class remains only because apps/lm_train.py imports it from here and estimators/ may not
+import optim/ (layering); delete this file once lm_train imports `from ..optim.model_svrg import ZOSVRG`.
+
+MeZO-SVRG (Gautam et al., ICML 2024), Algorithm 1 as written:
 
     t mod q == 0:  ĝ = SPSA estimate on the full batch at θ_t;  θ̄ = θ_t (a real copy);  θ_{t+1} = θ_t − η1 ĝ
     otherwise:     one minibatch B, one z:  θ_{t+1} = θ_t − η2 (ĝ_B(θ_t; z) − ĝ_B(θ̄; z) + ĝ)

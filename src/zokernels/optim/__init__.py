@@ -12,6 +12,7 @@ bit-identical. Design, memory per optimizer and how to add an update rule: docs/
 from .core import StepInfo, ZOOptimizer, direction_stream
 from .optimizers import FZOO, LeZO, HiZOO, ZOAdam, ZOConservative, ZOSGD, ZOSignSGD
 from .rules import AdamRule, SGDRule, SignRule, UpdateRule
+from .svrg import ZOSVRG
 
-__all__ = ["ZOSGD", "ZOAdam", "ZOSignSGD", "ZOConservative", "FZOO", "HiZOO", "LeZO", "ZOOptimizer", "StepInfo",
+__all__ = ["ZOSGD", "ZOAdam", "ZOSignSGD", "ZOConservative", "FZOO", "HiZOO", "LeZO", "ZOSVRG", "ZOOptimizer", "StepInfo",
            "UpdateRule", "SGDRule", "SignRule", "AdamRule", "direction_stream"]

@@ -105,10 +105,11 @@ def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
 class _ClosureLoss:
     """The closure seen as a loss_fn(model, batch) for estimators.common.evaluate_loss."""
 
-    zokernels_source = "the closure"
-
     def __init__(self, closure: Callable[[], Any]):
         self.closure = closure
+        # a closure may name itself in errors (zokernels.ZOSVRG binds loss_fn(model, batch) and keeps its wording)
+        self.zokernels_source = getattr(closure, "zokernels_source", "the closure")
+        self.zokernels_owned = getattr(closure, "zokernels_owned", False)
 
     def __call__(self, model: Any, batch: Any) -> Any:
         return self.closure()
@@ -140,10 +141,14 @@ class Queries:
         self.fp32.__enter__()
         return self
 
-    def loss(self, query: str) -> float:
+    def loss(self, query: str, closure: Callable[[], Any] | None = None) -> float:
+        """The closure's loss (or `closure`'s: ZOSVRG's full-batch chunks) at the current parameters."""
         self._set_rng(self.start)
+        loss_fn = self.loss_fn if closure is None else _ClosureLoss(closure)
         with torch.no_grad():
-            value = evaluate_loss(self.loss_fn, None, None, query, first=not self.losses, restored=RESTORED)
+            # the batch a closure declares (zokernels.ZOSVRG binds one) names it when it does not fit the model
+            batch = getattr(loss_fn.closure, "batch", None)
+            value = evaluate_loss(loss_fn, None, batch, query, first=not self.losses, restored=RESTORED)
         if self.after_first is None:
             self.after_first = self._rng()
         self.losses.append(value)
@@ -423,6 +428,15 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _directions(self, params: list[torch.Tensor], offsets: list[int], t: int) -> Directions:
         return Directions(params, offsets, self.seed, t, self.backend, self.basis)
 
+    def _estimate(self, queries: Queries, dirs: Directions, active: list[int], backup: list[torch.Tensor],
+                  info: StepInfo) -> Estimate:
+        """The step's closure calls and the estimate they give (ZOSVRG: anchor and control-variate queries)."""
+        return run_estimator(self, queries, dirs, active, backup, info)
+
+    def _update_lr(self, group: dict[str, Any]) -> float:
+        """The learning rate of this step's update (ZOSVRG: η1 on anchor steps)."""
+        return group["lr"]
+
     def _prepare_update(self, est: Estimate, info: StepInfo) -> dict[str, Any]:
         """Estimator-owned state after the queries (HiZOO: H_{t+1}); returns what _commit_estimator stores."""
         return {}
@@ -454,7 +468,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         info = StepInfo(loss=float("nan"), forwards=0, step=t, seed=self.seed, layers=layer_ids)
         try:
             with queries:
-                est = run_estimator(self, queries, dirs, active, backup, info)
+                est = self._estimate(queries, dirs, active, backup, info)
                 pending_estimator = self._prepare_update(est, info)
                 pending_rule = self.rule.prepare(self, est, info)
                 self._write_update(est, backup, pending_rule)
@@ -484,7 +498,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             # one sweep per distinct term list (LeZO replay histories and per-group lr can differ per tensor)
             by_terms: dict[tuple, list[int]] = {}
             for n, i in enumerate(est.active):
-                terms = tuple((s, scaled_coeff(a, groups[i]["lr"])) for s, a in self.rule.terms(self, est, i, pending))
+                terms = tuple((s, scaled_coeff(a, self._update_lr(groups[i])))
+                              for s, a in self.rule.terms(self, est, i, pending))
                 by_terms.setdefault(terms, []).append(n)
             for terms, ns in by_terms.items():
                 philox.normal_combination_into([params[est.active[n]] for n in ns], [backup[n] for n in ns],
@@ -494,7 +509,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for n, i in enumerate(est.active):
             group, theta = groups[i], backup[n]
             if linear:
-                delta = dirs.combination(i, [(s, scaled_coeff(a, group["lr"]))
+                delta = dirs.combination(i, [(s, scaled_coeff(a, self._update_lr(group)))
                                              for s, a in self.rule.terms(self, est, i, pending)])
                 if est.precondition is not None:
                     delta = delta * est.precondition(i)

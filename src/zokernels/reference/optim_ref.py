@@ -345,3 +345,62 @@ def _elementwise(rule: str, g: Bounded, group: dict[str, Any], old: dict[str, An
         denom = v.sqrt() / Bounded.const(math.sqrt(bc2)) + Bounded.const(group["eps"])
         return (m / denom) * Bounded.const(-lr / bc1)
     raise ValueError(f"unknown rule {rule!r}")
+
+
+# ---- MeZO-SVRG --------------------------------------------------------------------------------------------------
+@dataclass
+class SVRGRefStep(RefStep):
+    anchor: list[torch.Tensor] = field(default_factory=list)  # θ̃ after the step (exact copy)
+    anchor_terms: list[tuple[int, float]] = field(default_factory=list)  # ĝ_a after the step: (stream, g^a_j/q)
+
+
+def svrg_step_ref(params: list[torch.Tensor], anchor: list[torch.Tensor], anchor_terms: list[tuple[int, float]],
+                  lr: float, lr_anchor: float, mu: float, q: int, anchor_every: int, seed: int, t: int,
+                  minibatch_at: Callable[[list[torch.Tensor]], float],
+                  full_batch_at: Sequence[Callable[[list[torch.Tensor]], float]]) -> SVRGRefStep:
+    """One step of MeZO-SVRG (Gautam et al. 2024, Algorithm 1) written out: `*_at(points)` evaluates a loss with the
+    parameters set to `points`. Anchor step (t mod anchor_every = 0): g^a_j = (ℓ_F(θ + μz_j) − ℓ_F(θ − μz_j))/(2μ),
+    ℓ_F the mean of the full-batch losses; θ̃ = θ; θ_new = θ − η1·(1/q)Σ g^a_j z_j. Minibatch step: per direction
+    ℓ(θ ± μz_j) then ℓ(θ̃ ± μz_j) on the same batch, d_j the difference of the two central differences over 2μ;
+    θ_new = θ − η2·((1/q)Σ d_j z_j + ĝ_a). Points RN_dtype(θ + fl32(fl32(±μ)·z)); the update is the linear
+    combination with coefficients fl32(fl32(−c)·fl32(lr)) (bounded like zo_step_ref's linear rule)."""
+    out = SVRGRefStep()
+    offsets = np.cumsum([0] + [p.numel() for p in params])[:-1].tolist()
+    is_anchor = t % anchor_every == 0
+
+    def z(i: int, stream: int) -> np.ndarray:
+        return z_ref(params[i].numel(), seed, stream, offsets[i])
+
+    def mean_at(center: list[torch.Tensor], j: int, coeff: float, losses: Sequence[Callable]) -> float:
+        pts = [point_ref(c, (_F32(coeff) * z(i, stream_of(t, j))).astype(np.float32)) for i, c in enumerate(center)]
+        values = []
+        for loss_at in losses:
+            out.points.append(pts)
+            values.append(loss_at(pts))
+        out.losses.extend(values)
+        return sum(values) / len(values)
+
+    grads = []
+    for j in range(q):
+        if is_anchor:
+            plus, minus = mean_at(params, j, mu, full_batch_at), mean_at(params, j, -mu, full_batch_at)
+            grads.append((plus - minus) / (2.0 * mu))
+        else:
+            plus, minus = mean_at(params, j, mu, [minibatch_at]), mean_at(params, j, -mu, [minibatch_at])
+            plus_a, minus_a = mean_at(anchor, j, mu, [minibatch_at]), mean_at(anchor, j, -mu, [minibatch_at])
+            grads.append(((plus - minus) - (plus_a - minus_a)) / (2.0 * mu))
+    out.coefficients = [g / q for g in grads]
+    own = [(stream_of(t, j), c) for j, c in enumerate(out.coefficients)]
+    step_lr = lr_anchor if is_anchor else lr
+    terms = own if is_anchor else own + list(anchor_terms)
+    for i, p in enumerate(params):
+        delta = Bounded.exact(np.zeros(p.numel()))
+        for stream, c in terms:
+            delta = delta + Bounded.exact(z(i, stream)) * Bounded.const(-c * step_lr, 3)
+        x = p.detach().double().reshape(-1).numpy() + delta.value
+        out.params.append(x)
+        out.bounds.append(final_bound(x, delta.err, p.dtype))
+    out.active = list(range(len(params)))
+    out.anchor = [p.detach().clone() for p in params] if is_anchor else [a.clone() for a in anchor]
+    out.anchor_terms = own if is_anchor else list(anchor_terms)
+    return out
