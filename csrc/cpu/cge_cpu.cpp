@@ -2,7 +2,7 @@
 // over (block, thread), with the first layer's block reduction replayed in the CUDA tree order. Built like the
 // CUDA code without FMA contraction, the twins are meant to give the GPU's numbers bit for bit; on the GPU,
 // tests/test_kernels_cuda.py checks that.
-#include "cge_cpu.h"
+#include "../cge_ops.h"
 
 #include <cstdint>
 #include <vector>

@@ -3,7 +3,7 @@
 // Formulas in csrc/cge_kernels.h; the Triton twin is zokernels/kernels/triton/cge_first_layer.py.
 #include <cuda_runtime.h>
 
-#include "cge_launch.h"
+#include "../cge_ops.h"
 
 namespace {
 using namespace zokernels::cge;

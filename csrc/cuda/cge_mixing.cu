@@ -2,7 +2,7 @@
 // per output element, taps summed in (i, j) order as the Triton twin (zokernels/kernels/triton/cge_mixing.py).
 #include <cuda_runtime.h>
 
-#include "cge_launch.h"
+#include "../cge_ops.h"
 
 namespace {
 using namespace zokernels::cge;

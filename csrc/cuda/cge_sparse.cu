@@ -3,7 +3,7 @@
 // parameter; blockIdx.y = parameter). Parameters are reached through device tables of addresses.
 #include <cuda_runtime.h>
 
-#include "cge_launch.h"
+#include "../cge_ops.h"
 
 namespace {
 using namespace zokernels::cge;

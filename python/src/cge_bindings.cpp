@@ -10,8 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "../../csrc/cpu/cge_cpu.h"
-#include "../../csrc/cuda/cge_launch.h"
+#include "../../csrc/cge_ops.h"
 #include "binding_helpers.h"
 #include "cuda_bindings.h"
 
