@@ -64,7 +64,8 @@ void philox_sweep(const std::vector<uintptr_t>& tensors, const std::vector<int64
   }
   std::vector<TensorView> views;
   for (size_t i = 0; i < n; ++i) {
-    if (dtypes[i] < 0 || dtypes[i] > 3) throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtypes[i]));
+    if (dtypes[i] < 0 || dtypes[i] > 3)
+      throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtypes[i]));
     views.push_back({as_pointer(tensors[i]), numels[i], offsets[i], static_cast<DType>(dtypes[i])});
     if (!sources.empty()) views[i].src = as_pointer(sources[i]);
     if (!minus.empty()) views[i].minus = as_pointer(minus[i]);
