@@ -119,7 +119,7 @@ def time_engine(model, batch, mask, sample, budget, generator, dense_mode="delta
             start = time.perf_counter()
             grad = cge_engine.estimate_parameter(rec, name, param, chosen, 5e-3, False, budget, last_use)
             total += (time.perf_counter() - start) * indices.numel() / max(1, chosen.numel())
-            samples[name], estimates[name] = chosen, grad.reshape(-1)[chosen].double()
+            samples[name], estimates[name] = chosen, grad.reshape(-1)[chosen.to(grad.device)].double()  # grad: on CPU
         rec.close()
     return total, samples, estimates
 

@@ -99,8 +99,8 @@ def drifted_entries(model, step, steps: int) -> int:
     return changed
 
 
-def cases(model, batch, lr: float) -> dict:
-    runnable = [name for name in ("cuda", "triton", "torch") if backends.status(name).available]
+def cases(model, batch, lr: float, backend_names: tuple[str, ...]) -> dict:
+    runnable = [name for name in backend_names if backends.status(name).available]
     out = {"mezo_reference_loop": lambda: mezo_reference_step(model, batch, 1e-3, lr, 1, loss_fn=prompt_loss)}
     for backend in runnable:
         for mode in ("exact", "inplace"):
@@ -119,11 +119,11 @@ def measure(shape: str, dtype: torch.dtype, args, device: torch.device) -> list[
     forward_s = median_time(forward, args.repeats)
     forward_peak = peak_extra_bytes(forward)
     rows = []
-    for case, step in cases(model, batch, lr=1e-7).items():
+    for case, step in cases(model, batch, 1e-7, args.backends).items():
         step()  # warm-up: Triton compilation, cuBLAS handles, allocator
         step_s = median_time(step, args.repeats)
         peak = peak_extra_bytes(step)
-        zero_lr = cases(model, batch, lr=0.0)[case]
+        zero_lr = cases(model, batch, 0.0, args.backends)[case]
         drift = drifted_entries(model, zero_lr, args.drift_steps)
         rows.append({"model": shape, "dtype": str(dtype).removeprefix("torch."), "case": case, "params": params,
                      "batch": f"{args.batch}x{args.length}", "forward_s": forward_s, "step_s": step_s,
@@ -148,9 +148,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--drift-steps", type=int, default=20)
+    parser.add_argument("--backends", default="cuda,triton",
+                        help="zokernels backends to time (torch: the torch-native Philox, 4.9 s per step for the "
+                             "135M shape on an H200: add it only for small shapes)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of this script (bench/mezo_throughput.py measures CPUs)")
     args = parser.parse_args()
+    args.backends = tuple(args.backends.split(","))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/mezo_gpu.py needs a CUDA GPU (none is visible); bench/mezo_throughput.py is the CPU one")
     device = torch.device(args.device)

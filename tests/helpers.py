@@ -11,7 +11,9 @@ def kernel_device(backend: str | None) -> torch.device:
     import os
 
     gpu_run = os.environ.get("ZOKERNELS_TEST_GPU") == "1" and torch.cuda.is_available()
-    return torch.device("cuda" if gpu_run and backend in ("triton", "cuda") else "cpu")
+    if gpu_run and backend in ("triton", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())  # indexed: tensors report cuda:0, not cuda
+    return torch.device("cpu")
 
 
 def tiny_mlp(dtype=torch.float64, inputs=4, hidden=5, classes=3):

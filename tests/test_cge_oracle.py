@@ -206,3 +206,23 @@ def test_oracle_leaves_model_buffers_and_rng_untouched():
     cge_oracle(model, batch, mask, 2.0**-8)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_oracle_widens_low_precision_floats_made_inside_the_forward():
+    """RoPE as transformers 5.17 writes it: `inv_freq @ position_ids.float()`. The widened model's float64 buffer
+    meets a float32 tensor made from integers; the oracle computes the product in float64 instead of raising."""
+    class Rope(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3)
+            self.register_buffer("inv_freq", torch.rand(8, 1), persistent=False)
+
+        def forward(self, x):
+            positions = torch.arange(4)[None, None, :].float()
+            return self.lin(x + (self.inv_freq[None] @ positions).transpose(1, 2).cos().sum(1))
+
+    model = Rope()
+    batch = (torch.randn(5, 8), torch.randint(0, 3, (5,)))
+    mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    result = cge_oracle(model, batch, mask, 1e-3)
+    assert all(torch.isfinite(g).all() for g in result.estimates.values()) and result.downcasts_kept > 0

@@ -193,7 +193,22 @@ class KeepFloat64(TorchFunctionMode):
             if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in leaves):
                 self.kept += 1
                 kwargs["dtype"] = torch.float64
+        args, kwargs = self._widen_mixed(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _widen_mixed(self, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A float64 tensor meeting a low-precision float tensor (made from integers, e.g. RoPE's
+        `position_ids.float()`): the low one is widened, as type promotion does for elementwise ops, so matmul-like
+        ops that refuse mixed dtypes also compute in float64. An in-place op keeps its own first argument."""
+        leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if not (any(a.dtype == torch.float64 for a in leaves) and any(a.dtype in _LOW_FLOATS for a in leaves)):
+            return args, kwargs
+        in_place = getattr(func, "__name__", "").endswith("_") or "out" in kwargs
+        widen = lambda a: a.to(torch.float64) if isinstance(a, torch.Tensor) and a.dtype in _LOW_FLOATS else a  # noqa: E731
+        first, rest = (args[:1], args[1:]) if in_place else ((), args)
+        self.kept += 1
+        kwargs = {k: v if k == "out" else torch.utils._pytree.tree_map(widen, v) for k, v in kwargs.items()}
+        return first + tuple(torch.utils._pytree.tree_map(widen, list(rest))), kwargs
 
 
 def _call(model: torch.nn.Module, batch: Any):
