@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from zokernels import philox
+from zokernels.experimental import masked_sgd
 from zokernels.kernels.first_layer import BatchNormSpec, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.engine_ref import batchnorm_delta_ref, batchnorm_replicas_ref, residual_relu_delta_ref
-from zokernels.reference.kernels_ref import (first_layer_delta_ref, one_channel_conv2d_ref, one_channel_linear_ref,
-                                             seed_delta_ref)
+from zokernels.reference.kernels_ref import (first_layer_delta_ref, masked_gradients_ref, masked_sgd_ref,
+                                             one_channel_conv2d_ref, one_channel_linear_ref, seed_delta_ref)
 from zokernels.reference.philox_ref import philox_normal_ref, philox_uint32_ref
 
 from zokernels.kernels.dispatch import choose_backend
@@ -446,7 +447,8 @@ def bn_replicas_naive(s: Sample):
     dims, view = (0, 2, 3), (1, -1, 1, 1)
     outs = []
     for r in x:
-        out = (r - r.mean(dim=dims).view(view)) / torch.sqrt(r.var(dim=dims, unbiased=False) + s.kwargs["eps"]).view(view)
+        root = torch.sqrt(r.var(dim=dims, unbiased=False) + s.kwargs["eps"])
+        out = (r - r.mean(dim=dims).view(view)) / root.view(view)
         if weight is not None:
             out = out * weight.view(view) + bias.view(view)
         outs.append(out.relu() if s.kwargs["relu"] else out)
@@ -510,6 +512,83 @@ def residual_naive(s: Sample):
     return torch.relu(y + (a if b is None else a + b)) - torch.relu(y)
 
 
+# ---- masked SGD (experimental) ---------------------------------------------------------------------------------
+MASKED_SHAPES = [(3, 5), (7,), (1,), (2, 3, 3), (masked_sgd.DENSE_BLOCK + 1,), (masked_sgd.DENSE_BLOCK - 1,)]
+MASKED_HYPERS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    dict(lr=0.02, momentum=0.5, weight_decay=0.1, nesterov=True),
+]
+MASKED_STEPS = 3
+
+
+def _masked_problem(dtype, g):
+    params = [torch.randn(shape, generator=g, dtype=F64).to(dtype) for shape in MASKED_SHAPES]
+    masks = [torch.rand(shape, generator=g) < 0.5 for shape in MASKED_SHAPES]
+    masks[2] = torch.ones(1, dtype=torch.bool)  # a numel-1 parameter, selected
+    return params, masks
+
+
+def masked_sgd_samples(dtype, g) -> list[Sample]:
+    out = []
+    for hyper in MASKED_HYPERS:
+        for restrict in (False, True):
+            params, masks = _masked_problem(dtype, g)
+            count = int(sum(m.sum() for m in masks))
+            values = [torch.randn(count, generator=g, dtype=F64).to(dtype) for _ in range(MASKED_STEPS)]
+            out.append(Sample((params, masks, values), dict(hyper=hyper, restrict=restrict),
+                              f"{MASKED_STEPS} steps, {hyper}, restrict_to_mask={restrict}"))
+    return out
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def call_masked_sgd(s: Sample, backend: str):
+    """MaskedSGD (torch.optim.SGD's state around masked_sgd_) over the steps: parameters, last .grad, buffers."""
+    params, masks, values = s.args
+    params = [p.clone() for p in params]
+    index = masked_sgd.gather_mask_indices(params, masks)
+    optimizer = masked_sgd.MaskedSGD(params, restrict_to_mask=s.kwargs["restrict"], backend=backend,
+                                     **s.kwargs["hyper"])
+    for step_values in values:
+        optimizer.step(index, step_values)
+    return _flat(params + [p.grad for p in params] + (optimizer.buffers or []))
+
+
+def masked_sgd_reference(s: Sample):
+    params, masks, values = s.args
+    params, buffers = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    for step, step_values in enumerate(values):
+        grads = masked_sgd_ref(params, buffers, masks, step_values, restrict_to_mask=s.kwargs["restrict"],
+                               first_step=step == 0, **s.kwargs["hyper"])
+    return _flat(params + grads + (buffers if s.kwargs["hyper"].get("momentum", 0) else []))
+
+
+def masked_sgd_float64_bound(s: Sample) -> float:
+    """2 (kernel and twin) × 8 roundings per step (weight decay, momentum, nesterov, update) × the steps × 2 (an
+    error in θ or the buffer carries into the next step at most doubled: lr·wd, momentum ≤ 1) × u × the largest
+    magnitude any of them sees (the twin's outputs and the step values)."""
+    largest = max(masked_sgd_reference(s).abs().max().item(), max(v.abs().max().item() for v in s.args[2]))
+    return 2 * 8 * MASKED_STEPS * 2 * U64 * largest
+
+
+def call_scatter_grad(s: Sample, backend: str):
+    """scatter_grad_ onto parameters holding a stale .grad (which must be cleared outside the mask)."""
+    params, masks, values = s.args
+    params = [p.clone() for p in params]
+    params[0].grad = torch.full_like(params[0], 7.0)
+    masked_sgd.scatter_grad_(params, masked_sgd.gather_mask_indices(params, masks), values[0], backend=backend)
+    return [p.grad for p in params] + params
+
+
+def scatter_grad_reference(s: Sample):
+    params, masks, values = s.args
+    return masked_gradients_ref(params, masks, values[0]) + list(params)  # the parameters do not move
+
+
 # ---- the table --------------------------------------------------------------------------------------------------
 FLOATS = (F64, F32)
 SWEEP_DTYPES = (F32, torch.float16, torch.bfloat16, F64)
@@ -539,6 +618,10 @@ OPS: list[OpInfo] = [
            lambda s, backend: torch.from_numpy(philox.philox_uint32(*s.args, backend=backend).astype(np.int64)),
            lambda s: torch.from_numpy(philox_uint32_ref(*s.args).astype(np.int64)), philox_draw_samples,
            (torch.uint32,), ("torch", "cpu"), (philox.philox_uint32,), comparison="bitwise"),
+    OpInfo("masked_sgd_", call_masked_sgd, masked_sgd_reference, masked_sgd_samples, FLOATS, ALL_BACKENDS,
+           (masked_sgd.masked_sgd_,), float64_bound=masked_sgd_float64_bound, float32_factor=2),
+    OpInfo("scatter_grad_", call_scatter_grad, scatter_grad_reference, masked_sgd_samples, FLOATS, ALL_BACKENDS,
+           (masked_sgd.scatter_grad_,), comparison="bitwise"),
     # the fused CPU BN kernels: float32 channels-last rows, cpu backend only (None elsewhere: torch formulas)
     OpInfo("fused.batchnorm_replicas", call_bn_replicas, bn_replicas_reference, bn_replicas_samples, (F32,),
            ("cpu",), (BN_MODULE.batchnorm_replicas,), float32_factor=2, naive=bn_replicas_naive),

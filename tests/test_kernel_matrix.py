@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from zokernels import backends, philox
+from zokernels.experimental import masked_sgd
 from helpers import kernel_device
 from kernel_opinfo import BN_MODULE, F64, NOT_OPS, OPS, U32, to_device, to_float64
 
@@ -143,7 +144,7 @@ def _public_functions(module, needs_backend: bool) -> dict[str, object]:
 
 def kernel_ops() -> dict[str, object]:
     """The public functions taking `backend=` in zokernels.kernels (its Triton launchers excepted: they sit behind
-    those functions) and zokernels.philox, and every public function of the fused CPU BN module (no backend
+    those functions), zokernels.philox and zokernels.experimental.masked_sgd, and every public function of the fused CPU BN module (no backend
     argument: cpu only)."""
     import zokernels.kernels as package
     found = {}
@@ -151,6 +152,7 @@ def kernel_ops() -> dict[str, object]:
         if ".triton" not in info.name:
             found |= _public_functions(importlib.import_module(info.name), needs_backend=True)
     found |= _public_functions(philox, needs_backend=True)
+    found |= _public_functions(masked_sgd, needs_backend=True)
     found |= _public_functions(BN_MODULE, needs_backend=False)
     return found
 

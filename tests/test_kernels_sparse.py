@@ -51,19 +51,6 @@ def test_index_order_is_the_engines_coordinate_order():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_scatter_grad_matches_twin(backend):
-    params, masks = random_problem()
-    params[0].grad = torch.full_like(params[0], 7.0)  # stale gradient: must be cleared outside the mask
-    index = gather_mask_indices(params, masks)
-    values = torch.randn(len(index), dtype=F64)
-    before = [p.clone() for p in params]
-    scatter_grad_(params, index, values, backend=backend)
-    for p, b, g in zip(params, before, masked_gradients_ref(before, masks, values)):
-        assert torch.equal(p.grad, g)
-        assert torch.equal(p, b)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hyper", HYPERS)
 def test_dense_mode_equals_torch_optim_sgd(hyper, backend):
     """restrict_to_mask=False is torch.optim.SGD with .grad = the masked gradient, step after step."""

@@ -1,5 +1,5 @@
 """The _C Philox generator: independence from chunking and threads, the multi-tensor sweep against per-tensor
-calls, rounding at the extremes, bad arguments (its draws and sweeps against the numpy twin: tests/test_kernel_matrix.py)."""
+calls, rounding at the extremes, bad arguments. Its draws and sweeps against the numpy twin: test_kernel_matrix.py."""
 import numpy as np
 import pytest
 import torch
