@@ -62,6 +62,7 @@ class Recording:
     def close(self) -> None:
         self.tape.clear()
         self.ctx.derived.clear()
+        self.ctx.first_layers.clear()
 
 
 @torch.no_grad()
@@ -87,8 +88,11 @@ def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, gua
         base = head.base(tape.outputs)
         loss_node, outputs = None, head.output_leaves(tape)
     _channels_last(tape)
-    mixing = fusion.one_channel_conv2d_delta if kernel_backend is not None else None
-    return base, Recording(tape, head, loss_node, outputs, Context({}, dense_mode, kernel_backend, mixing), base)
+    ctx = Context({}, dense_mode, kernel_backend)
+    if kernel_backend is not None:  # the GPU kernels' plan, matched once for the whole step
+        ctx.one_channel_conv = fusion.one_channel_conv2d_delta
+        ctx.first_layers = fusion.first_layer_plan(tape)
+    return base, Recording(tape, head, loss_node, outputs, ctx, base)
 
 
 def _channels_last(tape: Tape) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .statistics import BNStatistics
+
 
 @dataclass
 class Delta:
@@ -82,11 +84,11 @@ def tanh_delta(x: torch.Tensor, delta: Delta) -> Delta:
 
 
 def batch_statistics(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x − mean, sqrt(var + eps)) per channel over the batch and spatial dims: what BN in train mode uses. Depends
-    on the base only, so the engine computes it once per node and step."""
-    dims = tuple(d for d in range(x.dim()) if d != 1)
-    mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-    return x - mean.view(1, -1, *([1] * (x.dim() - 2))), torch.sqrt(var + eps)
+    """(x − mean, sqrt(var + eps)) per channel over the batch and spatial dims: what BN in train mode uses, for
+    callers holding plain tensors. The engine reads the same quantities once per node and recording through
+    engine/statistics.py `bn_statistics`."""
+    stats = BNStatistics.of_batch(x, eps)
+    return stats.centered, stats.root
 
 
 def batchnorm_train_delta(x: torch.Tensor, delta: Delta, weight: torch.Tensor | None,

@@ -7,8 +7,11 @@ decides where they apply). Used when cge_step's backend is 'triton' or 'cuda':
 - `one_channel_conv2d_delta`: the next conv on a one-channel delta (kernels.one_channel_conv2d).
 
 Both return None wherever the pattern or the kernels' inputs (float32/float64, one dtype and device, dense
-layouts) do not hold: the engine keeps its own rules there."""
+layouts) do not hold: the engine keeps its own rules there. The first-layer patterns are matched once per
+recording, at capture (`first_layer_plan`, kept in the recording's Context), not per pass."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +21,9 @@ from ..kernels.first_layer import BatchNormSpec, coords_from_flat, first_layer_d
 from ..kernels.mixing import one_channel_conv2d
 from .delta import Delta
 from .ops import canonical
-from .rules import BN_ARGS, CONV_ARGS, Context, arguments, batchnorm_uses_batch_stats, only_user_is_relu, value
-from .tape import Node
+from .rules import CONV_ARGS, Context, only_user_is_relu
+from .statistics import BN_ARGS, bn_statistics
+from .tape import Node, Tape, arguments, value
 
 
 def _kernel_readable(*tensors: torch.Tensor) -> bool:
@@ -55,34 +59,54 @@ def fused_pattern(param_node: Node) -> tuple[Node, Node, Node] | None:
     return layer, bn, bn.users[0]
 
 
+@dataclass(frozen=True)
+class FirstLayer:
+    """One matched conv2d/linear → batch_norm → ReLU start: its nodes, the layer's input (a node or a constant)
+    and its geometry (stride, padding, dilation)."""
+
+    layer: Node
+    bn: Node
+    relu: Node
+    input: object
+    geometry: tuple
+
+
+def first_layer_plan(tape: Tape) -> dict[Node, FirstLayer]:
+    """The parameters whose coordinates the fused first-layer kernel serves, matched once at capture (after the
+    base values took their final layout: the kernels' layout check reads them)."""
+    plan = {}
+    for param_node in tape.params.values():
+        pattern = fused_pattern(param_node)
+        if pattern is None:
+            continue
+        layer, bn, relu = pattern
+        a = arguments(layer, CONV_ARGS if layer.func is F.conv2d else ("input", "weight", "bias"))
+        if not _kernel_readable(value(a["input"]), layer.value):
+            continue
+        geometry = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)) if layer.func is F.conv2d \
+            else (1, 0, 1)
+        plan[param_node] = FirstLayer(layer, bn, relu, a["input"], geometry)
+    return plan
+
+
 def _batchnorm_spec(bn: Node, ctx: Context) -> BatchNormSpec:
-    a = arguments(bn, BN_ARGS)
-    weight, bias, eps = value(a.get("weight")), value(a.get("bias")), a.get("eps", 1e-5)
-    if not batchnorm_uses_batch_stats(a):
-        return BatchNormSpec(False, eps, weight, bias, value(a["running_mean"]), value(a["running_var"]))
-    y = bn.args[0].value
-    dims = tuple(d for d in range(y.dim()) if d != 1)
-    mean, var = ctx.cached(bn, "kernel_mean_var", lambda: (y.mean(dim=dims), y.var(dim=dims, unbiased=False)))
-    return BatchNormSpec(True, eps, weight, bias, mean, var)
+    stats = bn_statistics(bn, ctx)
+    return BatchNormSpec(stats.training, stats.eps, stats.weight, stats.bias, stats.mean, stats.var)
 
 
 def fused_first_layer(param_node: Node, indices: torch.Tensor, steps: torch.Tensor, ctx: Context) -> \
         tuple[Node, Delta] | None:
-    """(relu node, Delta of its output) for weight coordinates `indices` moved by `steps`, or None."""
-    pattern = fused_pattern(param_node)
-    if pattern is None:
+    """(relu node, Delta of its output) for weight coordinates `indices` moved by `steps`, or None where the
+    recording's plan has no fused start for this parameter."""
+    start = ctx.first_layers.get(param_node)
+    if start is None:
         return None
-    layer, bn, relu = pattern
-    a = arguments(layer, CONV_ARGS if layer.func is F.conv2d else ("input", "weight", "bias"))
-    x, y = value(a["input"]), layer.value
-    if not _kernel_readable(x, y):
-        return None
+    y = start.layer.value
     coords = coords_from_flat(indices.to(y.device), param_node.value.shape)
-    geometry = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)) if layer.func is F.conv2d \
-        else (1, 0, 1)
-    values = first_layer_delta(x, y, coords, steps.to(device=y.device, dtype=y.dtype), *geometry,
-                               bn=_batchnorm_spec(bn, ctx), relu=True, backend=ctx.kernel_backend)
-    return relu, Delta(values, coords[:, 0].contiguous())
+    values = first_layer_delta(value(start.input), y, coords, steps.to(device=y.device, dtype=y.dtype),
+                               *start.geometry, bn=_batchnorm_spec(start.bn, ctx), relu=True,
+                               backend=ctx.kernel_backend)
+    return start.relu, Delta(values, coords[:, 0].contiguous())
 
 
 def one_channel_conv2d_delta(delta: Delta, weight: torch.Tensor, geometry: dict, backend: str) -> Delta | None:

@@ -12,7 +12,7 @@ channel, so a convolution after it costs 1/C_in of a dense one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +23,8 @@ from . import delta as math
 from . import fused
 from .delta import Delta
 from .ops import canonical
-from .tape import Node, bound_arguments
+from .statistics import bn_statistics
+from .tape import Node, arguments, value
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Context:
     kernel_backend: str | None = None
     # the GPU kernel for a conv on a one-channel δ (engine/fusion.py), set when kernel_backend is
     one_channel_conv: Callable | None = None
+    # parameter node -> its fused first-layer start (engine/fusion.py first_layer_plan), matched at capture
+    first_layers: dict = field(default_factory=dict)
 
     def cached(self, node: Node, key: str, compute: Callable):
         slot = (node, key)
@@ -64,21 +67,7 @@ def rule(*names: str, describe: str):
     return register
 
 
-# ---- argument access ----------------------------------------------------------------------------------------------
-def value(x):
-    return x.value if isinstance(x, Node) else x
-
-
-def arguments(node: Node, names: tuple[str, ...]) -> dict:
-    """The call's arguments by name: from the signature where Python has one, else by position in `names`."""
-    bound = bound_arguments(node.func, node.args, node.kwargs)
-    if bound is not None:
-        return bound
-    out = dict(zip(names, node.args))
-    out.update(node.kwargs)
-    return out
-
-
+# ---- argument access (value, arguments: engine/tape.py) ------------------------------------------------------------
 def constant_arguments(node: Node) -> tuple[tuple, dict]:
     """The call's arguments after the first, with recorded nodes replaced by their base values."""
     args, kwargs = tree_map(value, (node.args[1:], node.kwargs))
@@ -163,13 +152,7 @@ def _identity(node, ctx, deltas):
 
 
 # ---- batch normalization ----------------------------------------------------------------------------------------
-BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-
-
-def batchnorm_uses_batch_stats(a: dict) -> bool:
-    return bool(a.get("training")) or a.get("running_mean") is None
-
-
+# The statistics every BN consumer reads: engine/statistics.py (bn_statistics, once per node per recording).
 def only_user_is_relu(node: Node) -> bool:
     users = [u for u in node.users]
     return len(users) == 1 and users[0].kind == "call" and canonical(users[0].func) == "relu" \
@@ -181,48 +164,34 @@ def only_user_is_relu(node: Node) -> bool:
 def _batch_norm(node, ctx, deltas):
     if not only_first_changes(node, deltas):
         return NotImplemented
-    a = arguments(node, BN_ARGS)
     x, d = first(node, deltas)
-    weight = value(a.get("weight"))
-    if not batchnorm_uses_batch_stats(a):
-        scale = torch.rsqrt(value(a["running_var"]) + a.get("eps", 1e-5))
-        if weight is not None:
-            scale = scale * weight
+    stats = bn_statistics(node, ctx)
+    if not stats.training:
         if d.perturbed:
             return NotImplemented
+        scale = stats.inv_std if stats.weight is None else stats.inv_std * stats.weight
         return d.scaled(math.per_channel(scale, d, x))
     if d.perturbed:
-        return perturbed_batchnorm(node, ctx, d, a)
-    statistics = ctx.cached(node, "batch_statistics", lambda: math.batch_statistics(x, a.get("eps", 1e-5)))
+        return perturbed_batchnorm(node, ctx, d)
     if d.channels is None:
         relu = only_user_is_relu(node)
-        centered, root = statistics
-        out = fused.batchnorm_delta(d.values, centered, root, weight, node.value if relu else None)
+        out = fused.batchnorm_delta(d.values, stats.centered, stats.root, stats.weight, node.value if relu else None)
         if out is not None:
             return Delta(out, relu_applied=relu)
-    return math.batchnorm_train_delta(x, d, weight, statistics)
+    return math.batchnorm_train_delta(x, d, stats.weight, (stats.centered, stats.root))
 
 
-def perturbed_batchnorm(node: Node, ctx: Context, d: Delta, a: dict) -> Delta:
+def perturbed_batchnorm(node: Node, ctx: Context, d: Delta) -> Delta:
     """Training-mode BN of the perturbed replicas x + δ, each with its own batch statistics (dense_mode
-    'perturbed'), fused with the ReLU after it where the C++ kernel applies."""
+    'perturbed'), fused with the ReLU after it where the C++ kernel applies. The base batch mean centres the
+    kernel's accumulation; the statistics object carries the weight, bias and eps the kernels read."""
     x = node.args[0].value
     relu = only_user_is_relu(node)
-    center = ctx.cached(node, "input_mean", lambda: x.mean(dim=tuple(i for i in range(x.dim()) if i != 1)))
-    module = _BatchNormView(value(a.get("weight")), value(a.get("bias")), a.get("eps", 1e-5))
-    out = fused.batchnorm_replicas(d.perturbed_values(x), module, center, relu)
+    stats = bn_statistics(node, ctx)
+    out = fused.batchnorm_replicas(d.perturbed_values(x), stats, stats.mean, relu)
     if out is None:
-        return Delta(math.batchnorm_train_perturbed(d.perturbed_values(x), module), perturbed=True)
+        return Delta(math.batchnorm_train_perturbed(d.perturbed_values(x), stats), perturbed=True)
     return Delta(out, perturbed=True, relu_applied=relu)
-
-
-@dataclass
-class _BatchNormView:
-    """The attributes of a BN module that the replica kernels read, from a functional call."""
-
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: float
 
 
 @rule("layer_norm", describe="exact: per-sample statistics formed from δ (the BN closed form over the normalized "

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from .delta import Delta
 from .ops import canonical
-from .rules import BN_ARGS, CONV_ARGS, Context, arguments, batchnorm_uses_batch_stats, value
-from .tape import Node
+from .rules import CONV_ARGS, Context
+from .statistics import BN_ARGS, bn_statistics
+from .tape import Node, arguments, value
 
 
 def dense_parameter_delta(param: torch.Tensor, indices: torch.Tensor, steps: torch.Tensor) -> Delta:
@@ -112,29 +113,17 @@ def _batch_norm_seed(user, param_node, idx, h, ctx):
     role = _role(user, param_node, BN_ARGS)
     if role not in ("weight", "bias"):
         return None
-    a = arguments(user, BN_ARGS)
-    return _channel_affine_seed(user, role, idx, h, ctx, lambda: _normalized(value(a["input"]), a))
+    return _channel_affine_seed(user, role, idx, h, lambda: bn_statistics(user, ctx).normalized)
 
 
-def _channel_affine_seed(user, role: str, idx, h, ctx, normalize) -> Delta:
+def _channel_affine_seed(user, role: str, idx, h, normalized) -> Delta:
     """A per-channel affine after a normalization (BN, GN): bias c moves channel c by h; weight c moves it by
-    h·x̂[:, c], x̂ = normalize() (computed once per node and step). One-channel form."""
+    h·x̂[:, c], x̂ = normalized() (the caller computes it once per node and recording). One-channel form."""
     y = user.value
     shape = (-1,) + (1,) * (y.dim() - 1)
     if role == "bias":
         return Delta(h.view(shape).expand(-1, y.shape[0], *y.shape[2:]).clone(), idx)
-    normalized = ctx.cached(user, "normalized_input", normalize)
-    return Delta(normalized.index_select(1, idx).transpose(0, 1) * h.view(shape), idx)
-
-
-def _normalized(x: torch.Tensor, a: dict) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if batchnorm_uses_batch_stats(a):
-        dims = tuple(d for d in range(x.dim()) if d != 1)
-        mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-    else:
-        mean, var = value(a["running_mean"]), value(a["running_var"])
-    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + a.get("eps", 1e-5))
+    return Delta(normalized().index_select(1, idx).transpose(0, 1) * h.view(shape), idx)
 
 
 def _layer_norm_seed(user, param_node, idx, h, ctx):
@@ -160,8 +149,11 @@ def _group_norm_seed(user, param_node, idx, h, ctx):
     role = _role(user, param_node, ("input", "num_groups", "weight", "bias", "eps"))
     if role not in ("weight", "bias"):
         return None
-    return _channel_affine_seed(user, role, idx, h, ctx, lambda: F.group_norm(
-        value(a["input"]), a["num_groups"], None, None, a.get("eps", 1e-5)))
+
+    def normalized():
+        return ctx.cached(user, "normalized_input", lambda: F.group_norm(
+            value(a["input"]), a["num_groups"], None, None, a.get("eps", 1e-5)))
+    return _channel_affine_seed(user, role, idx, h, normalized)
 
 
 def _embedding_seed(user, param_node, idx, h, ctx):

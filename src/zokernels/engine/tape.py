@@ -151,6 +151,21 @@ def bound_arguments(func, args: tuple, kwargs: dict) -> dict | None:
     return dict(bound.arguments)
 
 
+def value(x):
+    """A call argument's base value: the recorded node's output, or the constant itself."""
+    return x.value if isinstance(x, Node) else x
+
+
+def arguments(node: Node, names: tuple[str, ...]) -> dict:
+    """The call's arguments by name: from the signature where Python has one, else by position in `names`."""
+    bound = bound_arguments(node.func, node.args, node.kwargs)
+    if bound is not None:
+        return bound
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
 def mutated_tensor(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The tensor `func` writes in place, or None. Covers `x.add_()`, `x += y`, `inplace=True` and `out=`."""
     out = kwargs.get("out")
