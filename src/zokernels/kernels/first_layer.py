@@ -36,7 +36,7 @@ class BatchNormSpec:
 
     @classmethod
     def from_module(cls, module: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormSpec":
-        """As the engine decides (delta.batchnorm_uses_batch_stats): batch statistics in training mode or without
+        """As the engine decides (engine.statistics.batchnorm_uses_batch_stats): batch statistics in training mode or without
         running statistics."""
         train = module.training or module.running_mean is None
         return cls(train, module.eps, module.weight, module.bias, None if train else module.running_mean,
