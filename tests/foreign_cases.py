@@ -49,8 +49,8 @@ def _random_index(model, batch, name, p, g) -> int:
     exactly zero gradient and would make the check trivial)."""
     owner = _owner(model, name)
     tokens = _token_ids(batch)
-    if isinstance(owner, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and tokens is not None \
-            and name.endswith("weight"):
+    if (isinstance(owner, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and tokens is not None
+            and name.endswith("weight")):
         used = torch.unique(tokens)
         used = used[used != (owner.padding_idx if owner.padding_idx is not None else -1)]
         row = int(used[torch.randint(0, used.numel(), (1,), generator=g)])

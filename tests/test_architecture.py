@@ -1,8 +1,11 @@
 """The layering of docs/architecture.md, read from the code's imports (ast): no module imports from a higher
 layer, `reference/` is never imported by the product, and the module graph has no cycle. The known departures are
-listed here by name (issue 16); a new one fails the test."""
+listed here by name (issue 16); a new one fails the test. The package also keeps no backslash line
+continuation (PEP 8 prefers parentheses)."""
 import ast
+import io
 import pathlib
+import tokenize
 
 import pytest
 
@@ -99,3 +102,49 @@ def test_no_import_cycles():
     for m in sorted(modules):
         if m not in state:
             visit(m, [m])
+
+
+# Files still holding backslash line continuations while other engineers edit them (issue 16); the lead removes
+# an entry once its file is clean. Paths are relative to src/zokernels.
+KNOWN_BACKSLASH_CONTINUATIONS = {
+    "optim/core.py",  # `if ... and \` in the step loop, being edited in the optim work
+    "reference/optim_ref.py",  # two `x = ... and \` in the optim twin, edited with optim/
+}
+
+
+def backslash_continuations(source: str) -> list[int]:
+    """Line numbers that end in a backslash joining the next line (PEP 8 prefers parentheses). tokenize ends every
+    physical line outside a string with a NEWLINE or NL token, except one joined by a backslash: a token that starts
+    on a later line than the previous token ended, with no NEWLINE/NL between, marks a join. A backslash inside a
+    string, or at the end of a comment, joins nothing and is not reported."""
+    joined = []
+    previous = None
+    fstring_depth = 0  # Python >= 3.12 splits f-strings into tokens; their inside is string text, never a join
+    fstring_start, fstring_end = getattr(tokenize, "FSTRING_START", None), getattr(tokenize, "FSTRING_END", None)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if (previous is not None and fstring_depth == 0 and token.start[0] > previous.end[0]
+                and previous.type not in (tokenize.NEWLINE, tokenize.NL)):
+            joined.append(previous.end[0])
+        fstring_depth += (token.type == fstring_start) - (token.type == fstring_end)
+        previous = token
+    return joined
+
+
+def test_backslash_continuations_finds_joins_and_only_joins():
+    source = ('x = 1 + \\\n    2\n'  # line 1: a join
+              'y = (1 +\n     2)\n'  # parentheses: no join
+              's = """a \\\nb"""\n'  # a backslash inside a string
+              'z = 3  # a comment ending in \\\n'  # ... and at the end of a comment
+              'f = f"""a \\\n{x} \\\nb"""\n'  # ... and inside an f-string (its own tokens on Python >= 3.12)
+              'if x and \\\n        y:\n    pass\n')  # line 11: a join before a block
+    assert backslash_continuations(source) == [1, 11]
+
+
+def test_no_backslash_line_continuations():
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        name, source = path.relative_to(ROOT).as_posix(), path.read_text()
+        if name not in KNOWN_BACKSLASH_CONTINUATIONS:
+            lines = source.splitlines()
+            found += [f"{name}:{n}: {lines[n - 1].strip()}" for n in backslash_continuations(source)]
+    assert not found, "backslash line continuations (wrap in parentheses instead):\n" + "\n".join(found)

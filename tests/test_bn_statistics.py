@@ -72,16 +72,16 @@ def test_statistics_are_what_torch_batch_norm_uses(module, shape, train):
             assert ours.dtype == torch.float32 and ours.shape == (shape[1],)
             assert_float32_error_within(ours, plain, oracle, factor=4,
                                         floor=FLOAT32_UNIT_ROUNDOFF * oracle.abs().max().item(), what="batch stats")
-        oracle_normalized = (bn_input.double() - oracle_mean.view(stats.per_channel(oracle_mean).shape)) \
-            / torch.sqrt(oracle_var + stats.eps).view(stats.per_channel(oracle_var).shape)
+        oracle_normalized = ((bn_input.double() - oracle_mean.view(stats.per_channel(oracle_mean).shape))
+                             / torch.sqrt(oracle_var + stats.eps).view(stats.per_channel(oracle_var).shape))
     else:  # eval: the module's running buffers themselves, never a copy
         assert stats.mean is model.bn.running_mean and stats.var is model.bn.running_var
-        oracle_normalized = (bn_input.double() - stats.per_channel(stats.mean).double()) \
-            / torch.sqrt(stats.per_channel(stats.var).double() + stats.eps)
+        oracle_normalized = ((bn_input.double() - stats.per_channel(stats.mean).double())
+                             / torch.sqrt(stats.per_channel(stats.var).double() + stats.eps))
     # the normalized input, with BN's affine, is the module's output (float32 forward vs a float64 oracle)
-    plain_out = nn.functional.batch_norm(bn_input, model.bn.running_mean, model.bn.running_var, model.bn.weight,
-                                         model.bn.bias, training=False) if not train else \
-        nn.functional.batch_norm(bn_input, None, None, model.bn.weight, model.bn.bias, training=True)
+    plain_out = (nn.functional.batch_norm(bn_input, model.bn.running_mean, model.bn.running_var, model.bn.weight,
+                                          model.bn.bias, training=False) if not train else
+                 nn.functional.batch_norm(bn_input, None, None, model.bn.weight, model.bn.bias, training=True))
     affine = (1, -1) + (1,) * (x.dim() - 2)
     oracle_out = oracle_normalized * model.bn.weight.double().view(affine) + model.bn.bias.double().view(affine)
     ours_out = stats.normalized * model.bn.weight.view(affine) + model.bn.bias.view(affine)

@@ -122,8 +122,8 @@ def test_each_step_records_the_model_as_it_is_now():
     from zokernels.engine import tape as tape_module
     recorded = []
     original = tape_module.Recorder._new
-    monkey = lambda self, kind, **fields: recorded.append(weakref.ref(original(self, kind, **fields))) or \
-        recorded[-1]()  # noqa: E731
+    monkey = lambda self, kind, **fields: (recorded.append(weakref.ref(original(self, kind, **fields)))  # noqa: E731
+                                           or recorded[-1]())
     tape_module.Recorder._new = monkey
     try:
         zokernels.cge_step(model, batch)

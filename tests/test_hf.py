@@ -318,8 +318,8 @@ def test_zotrainer_trains_a_lora_adapter_only(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = zo_trainer(model, training_args(tmp_path, max_steps=2), lr=1e-2, mu=1e-2)
     trainer.train()
-    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == \
-        {id(p) for n, p in model.named_parameters() if n in adapter}
+    assert ({id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+            == {id(p) for n, p in model.named_parameters() if n in adapter})
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in base)
     assert all(not torch.equal(after[n], before[n]) for n in adapter)

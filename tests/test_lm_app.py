@@ -178,8 +178,9 @@ def test_pooling_auto_reads_sentence_transformers_config(tmp_path):
 
 def tiny_model_dir(path, mean_pooling=False):
     """A tiny random BERT + word-piece tokenizer saved like a Hugging Face model directory (nothing downloaded)."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the a to i you and for on my is it of in at not no " \
-        "thanks great love good bad flight late delayed cancelled hours service worst best help".split()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ("the a to i you and for on my is it of in at not no "
+                                                              "thanks great love good bad flight late delayed "
+                                                              "cancelled hours service worst best help").split()
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(words) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)

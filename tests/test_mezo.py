@@ -264,11 +264,11 @@ def test_inplace_step_within_stated_ulp_bound_of_ideal_update(dtype, seed):
         ideal = t0.double() + c * z
         t_ref = add_combination_ref(t0, offsets[i], step_seed, [(0, c)], cpu_sampler)
         double_rounding = 2.0 ** -24 if dtype != torch.float32 else 0.0
-        bound_ideal = 0.5 * (ulp(tp, dtype) + ulp(tm, dtype) + ulp(tn, dtype)) \
-            + 2.0 ** -23 * (abs(mu) * z.abs() + abs(mu + c) * z.abs()) \
-            + double_rounding * (tp.double().abs() + tm.double().abs() + tn.double().abs())
-        bound_ref = bound_ideal + 0.5 * ulp(t_ref, dtype) + 2.0 ** -23 * abs(c) * z.abs() \
-            + double_rounding * t_ref.double().abs()
+        bound_ideal = (0.5 * (ulp(tp, dtype) + ulp(tm, dtype) + ulp(tn, dtype))
+                       + 2.0 ** -23 * (abs(mu) * z.abs() + abs(mu + c) * z.abs())
+                       + double_rounding * (tp.double().abs() + tm.double().abs() + tn.double().abs()))
+        bound_ref = (bound_ideal + 0.5 * ulp(t_ref, dtype) + 2.0 ** -23 * abs(c) * z.abs()
+                     + double_rounding * t_ref.double().abs())
         err_ideal = (tn.double() - ideal).abs()
         err_ref = (tn.double() - t_ref.double()).abs()
         assert torch.all(err_ideal <= bound_ideal * (1 + 1e-12)), (dtype, i, (err_ideal / bound_ideal).max())
@@ -305,8 +305,8 @@ def test_inplace_failure_restores_within_ulp_bound(dtype, failing_query):
         tr = tr.detach()
         visited = [s[i] for s in seen]  # θ⁺ (and θ⁻)
         double_rounding = 2.0 ** -24 if dtype != torch.float32 else 0.0
-        bound = 0.5 * (sum(ulp(v, dtype) for v in visited) + ulp(tr, dtype)) \
-            + double_rounding * (sum(v.double().abs() for v in visited) + tr.double().abs())
+        bound = (0.5 * (sum(ulp(v, dtype) for v in visited) + ulp(tr, dtype))
+                 + double_rounding * (sum(v.double().abs() for v in visited) + tr.double().abs()))
         err = (tr.double() - t0.double()).abs()
         assert torch.all(err <= bound * (1 + 1e-12)), (dtype, i, (err / bound).max())
         moved = moved or bool((tr != t0).any())

@@ -213,8 +213,8 @@ def check_error(error, model, before, loss, inplace_mu):
     elif isinstance(error, UserLossFailure):  # the user's own exception, unchanged
         assert user_raised and is_query_failure(error) and "restored" in " ".join(error.__notes__), error.__notes__
     else:  # only the user's loss itself failing (a misfit batch under loss_fn) may raise anything else
-        assert isinstance(loss, UserLoss) and is_query_failure(error), \
-            f"{type(error).__name__} outside the contract: {error}"
+        assert isinstance(loss, UserLoss) and is_query_failure(error), (
+            f"{type(error).__name__} outside the contract: {error}")
     assert_unchanged(model, before, inplace_mu)
 
 

@@ -36,8 +36,8 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(mask, resumed["masks"][name]), name
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
     assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, resumed["optimizer"]["state"].values()))
-    assert [r["loss"] for r in _rows(tmp_path / "a" / "steps.csv")] == \
-           [r["loss"] for r in _rows(tmp_path / "b" / "steps.csv")]
+    assert ([r["loss"] for r in _rows(tmp_path / "a" / "steps.csv")]
+            == [r["loss"] for r in _rows(tmp_path / "b" / "steps.csv")])
 
 
 def test_zo_run_logs_masks_ratios_cache_and_plot(tmp_path, capsys):

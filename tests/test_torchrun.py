@@ -182,8 +182,8 @@ def test_two_gloo_ranks_stay_identical_and_equal_one_process(tmp_path):
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value.view(-1).view(torch.uint8), ranks[1]["state"][key].view(-1).view(torch.uint8)), key
     assert ranks[0]["grads"] == ranks[1]["grads"] and ranks[0]["losses"] == ranks[1]["losses"]
-    assert all("differ in 1 tensors" in r["caught"] and "up_proj" in r["caught"] for r in ranks), \
-        [r["caught"] for r in ranks]
+    assert all("differ in 1 tensors" in r["caught"] and "up_proj" in r["caught"] for r in ranks), (
+        [r["caught"] for r in ranks])
     assert ranks[1]["failure"].startswith("KeyError") and "broken shard" in ranks[1]["failure"]
     assert ranks[0]["failure"].startswith("RuntimeError") and "rank(s) [1]" in ranks[0]["failure"]
     assert all(r["unchanged_after_failure"] for r in ranks)

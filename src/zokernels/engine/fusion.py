@@ -46,15 +46,15 @@ def fused_pattern(param_node: Node) -> tuple[Node, Node, Node] | None:
         return None
     names = CONV_ARGS if layer.func is F.conv2d else ("input", "weight", "bias")
     a = arguments(layer, names)
-    if a.get("weight") is not param_node or a.get("input") is param_node or isinstance(a.get("padding"), str) \
-            or a.get("groups", 1) != 1:
+    if (a.get("weight") is not param_node or a.get("input") is param_node or isinstance(a.get("padding"), str)
+            or a.get("groups", 1) != 1):
         return None
     x = value(a["input"])
     if x.dim() != (4 if layer.func is F.conv2d else 2):
         return None
     bn = _only_user(layer)
-    if bn is None or bn.kind != "call" or canonical(bn.func) != "batch_norm" or bn.args[0] is not layer \
-            or any(arguments(bn, BN_ARGS).get(k) is layer for k in BN_ARGS[1:]) or not only_user_is_relu(bn):
+    if (bn is None or bn.kind != "call" or canonical(bn.func) != "batch_norm" or bn.args[0] is not layer
+            or any(arguments(bn, BN_ARGS).get(k) is layer for k in BN_ARGS[1:]) or not only_user_is_relu(bn)):
         return None
     return layer, bn, bn.users[0]
 
@@ -83,8 +83,8 @@ def first_layer_plan(tape: Tape) -> dict[Node, FirstLayer]:
         a = arguments(layer, CONV_ARGS if layer.func is F.conv2d else ("input", "weight", "bias"))
         if not _kernel_readable(value(a["input"]), layer.value):
             continue
-        geometry = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)) if layer.func is F.conv2d \
-            else (1, 0, 1)
+        geometry = ((a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)) if layer.func is F.conv2d
+                    else (1, 0, 1))
         plan[param_node] = FirstLayer(layer, bn, relu, a["input"], geometry)
     return plan
 
@@ -94,8 +94,8 @@ def _batchnorm_spec(bn: Node, ctx: Context) -> BatchNormSpec:
     return BatchNormSpec(stats.training, stats.eps, stats.weight, stats.bias, stats.mean, stats.var)
 
 
-def fused_first_layer(param_node: Node, indices: torch.Tensor, steps: torch.Tensor, ctx: Context) -> \
-        tuple[Node, Delta] | None:
+def fused_first_layer(param_node: Node, indices: torch.Tensor, steps: torch.Tensor,
+                      ctx: Context) -> tuple[Node, Delta] | None:
     """(relu node, Delta of its output) for weight coordinates `indices` moved by `steps`, or None where the
     recording's plan has no fused start for this parameter."""
     start = ctx.first_layers.get(param_node)
@@ -113,8 +113,8 @@ def one_channel_conv2d_delta(delta: Delta, weight: torch.Tensor, geometry: dict,
     """The dense delta after a conv2d of a one-channel delta, or None where the kernel does not apply. Its output
     is channels-last: the layout the engine's dense convolutions read."""
     values = delta.values.contiguous()  # the kernel reads δ contiguous (usually already)
-    if geometry.get("groups", 1) != 1 or values.dim() != 4 or isinstance(geometry.get("padding", 0), str) \
-            or not _kernel_readable(weight, values):
+    if (geometry.get("groups", 1) != 1 or values.dim() != 4 or isinstance(geometry.get("padding", 0), str)
+            or not _kernel_readable(weight, values)):
         return None
     replicas, batch = values.shape[:2]
     out = one_channel_conv2d(values, delta.channels, weight.detach(), geometry.get("stride", 1),

@@ -72,8 +72,8 @@ class Head:
         errors: "the +mu query of conv1.weight[17]")."""
         if rec.loss_node is not None:
             d = deltas.get(rec.loss_node)
-            change = torch.zeros(k, dtype=torch.float64) if d is None else \
-                d.dense(rec.loss_node.value).reshape(k).double().cpu()
+            change = (torch.zeros(k, dtype=torch.float64) if d is None else
+                      d.dense(rec.loss_node.value).reshape(k).double().cpu())
         else:
             change = self._black_box_change(rec, deltas, k, what)
         if not torch.isfinite(change).all():

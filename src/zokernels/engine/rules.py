@@ -155,8 +155,8 @@ def _identity(node, ctx, deltas):
 # The statistics every BN consumer reads: engine/statistics.py (bn_statistics, once per node per recording).
 def only_user_is_relu(node: Node) -> bool:
     users = [u for u in node.users]
-    return len(users) == 1 and users[0].kind == "call" and canonical(users[0].func) == "relu" \
-        and users[0].args[0] is node and len(users[0].inputs) == 1
+    return (len(users) == 1 and users[0].kind == "call" and canonical(users[0].func) == "relu"
+            and users[0].args[0] is node and len(users[0].inputs) == 1)
 
 
 @rule("batch_norm", describe="exact: per-replica batch statistics formed from δ (train); per-channel scale (eval); "
@@ -403,9 +403,9 @@ def _add(node, ctx, deltas):
     if kept is not None:
         return kept
     both = [x for x in node.args[:2] if isinstance(x, Node) and x in deltas]
-    if len(both) == 2 and deltas[both[0]].channels is not None and deltas[both[1]].channels is not None \
-            and torch.equal(deltas[both[0]].channels, deltas[both[1]].channels) \
-            and both[0].value.shape == both[1].value.shape and not node.kwargs:
+    if (len(both) == 2 and deltas[both[0]].channels is not None and deltas[both[1]].channels is not None
+            and torch.equal(deltas[both[0]].channels, deltas[both[1]].channels)
+            and both[0].value.shape == both[1].value.shape and not node.kwargs):
         return Delta(deltas[both[0]].values + deltas[both[1]].values, deltas[both[0]].channels)
     fused_result = _fused_residual_relu(node, deltas)
     if fused_result is not None:
@@ -511,8 +511,8 @@ def _channel_scale(node: Node, deltas: dict, op, commutative: bool) -> Delta | N
 def _softmax_operands(node: Node, deltas: dict):
     """(base input, its dense δ, the softmax axis on the [K, ...] replicas), or None where the closed form does not
     cover the call (another input changed, a dtype cast, a perturbed-form δ)."""
-    if not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed or node.kwargs.get("dtype") \
-            or len(node.args) > 2:
+    if (not only_first_changes(node, deltas) or deltas[node.args[0]].perturbed or node.kwargs.get("dtype")
+            or len(node.args) > 2):
         return None
     x, d = first(node, deltas)
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -596,9 +596,9 @@ def _getitem(node, ctx, deltas):
         index = (index,)
     if any(isinstance(i, Node) for i in index):
         return NotImplemented
-    if d.channels is not None and len(index) >= 2 and all(isinstance(i, slice) and i == slice(None)
-                                                            for i in index[:2]) \
-            and all(isinstance(i, (slice, int)) or i is Ellipsis for i in index[2:]):
+    if (d.channels is not None and len(index) >= 2 and all(isinstance(i, slice) and i == slice(None)
+                                                             for i in index[:2])
+            and all(isinstance(i, (slice, int)) or i is Ellipsis for i in index[2:])):
         values = d.values[(slice(None), slice(None)) + index[2:]]
         if values.shape[1:] == (node.value.shape[0], *node.value.shape[2:]):
             return Delta(values, d.channels)
@@ -715,15 +715,16 @@ def _cross_entropy(node, ctx, deltas):
     a = arguments(node, CE_ARGS)
     logits, d = first(node, deltas)
     target = value(a["target"])
-    if value(a.get("weight")) is not None or a.get("label_smoothing", 0.0) or a.get("size_average") is not None \
-            or a.get("reduce") is not None or logits.dim() < 2 or target.dtype != torch.long \
-            or target.shape != (logits.shape[0], *logits.shape[2:]) or a.get("reduction", "mean") not in ("mean", "sum"):
+    if (value(a.get("weight")) is not None or a.get("label_smoothing", 0.0) or a.get("size_average") is not None
+            or a.get("reduce") is not None or logits.dim() < 2 or target.dtype != torch.long
+            or target.shape != (logits.shape[0], *logits.shape[2:])
+            or a.get("reduction", "mean") not in ("mean", "sum")):
         return NotImplemented
     if logits.dim() > 2:  # per-pixel / per-token classes: one row per position, classes last (as torch reduces)
         classes = logits.shape[1]
         logits, target = logits.movedim(1, -1).reshape(-1, classes), target.reshape(-1)
-        d = Delta(d.values.reshape(d.replicas, -1), d.channels) if d.channels is not None else \
-            Delta(d.values.movedim(2, -1).reshape(d.replicas, -1, classes))
+        d = (Delta(d.values.reshape(d.replicas, -1), d.channels) if d.channels is not None else
+             Delta(d.values.movedim(2, -1).reshape(d.replicas, -1, classes)))
     change = math.cross_entropy_delta(logits, target, d, a.get("ignore_index", -100), a.get("reduction", "mean"))
     return Delta(change.to(node.value.dtype))
 
@@ -735,8 +736,8 @@ def _mse(node, ctx, deltas):
     a = arguments(node, ("input", "target", "size_average", "reduce", "reduction"))
     outputs, d = first(node, deltas)
     target = value(a["target"])
-    if a.get("reduction", "mean") != "mean" or not isinstance(target, torch.Tensor) \
-            or target.shape != outputs.shape or a.get("size_average") is not None or a.get("reduce") is not None:
+    if (a.get("reduction", "mean") != "mean" or not isinstance(target, torch.Tensor)
+            or target.shape != outputs.shape or a.get("size_average") is not None or a.get("reduce") is not None):
         return NotImplemented
     return Delta(math.mse_delta(outputs, target.to(outputs.dtype), d).to(node.value.dtype))
 

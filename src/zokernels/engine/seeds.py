@@ -53,8 +53,8 @@ def _conv_seed(user, param_node, idx, h, ctx):
     weight = param_node.value
     if isinstance(geometry.get("padding", 0), str):
         geometry["padding"] = _explicit_padding(geometry, weight.shape[2:])
-    if role != "weight" or geometry["padding"] is None or user.func not in (F.conv1d, F.conv2d) \
-            or isinstance(user.args[0], Node) and user.args[0] is param_node:
+    if (role != "weight" or geometry["padding"] is None or user.func not in (F.conv1d, F.conv2d)
+            or isinstance(user.args[0], Node) and user.args[0] is param_node):
         return None
     patches = ctx.cached(user, "patches", lambda: _patches(user.func, x, weight.shape[2:], geometry))
     kernel = pymath.prod(weight.shape[2:])
@@ -100,8 +100,8 @@ def _linear_seed(user, param_node, idx, h, ctx):
         return None
     in_features = param_node.value.shape[-1] if role == "weight" else 1
     out_index = idx // in_features if role == "weight" else idx
-    columns = x[..., idx % in_features].movedim(-1, 0) * h.view(-1, *([1] * (x.dim() - 1))) if role == "weight" \
-        else h.view(-1, *([1] * (y.dim() - 1))).expand(-1, *y.shape[:-1])
+    columns = (x[..., idx % in_features].movedim(-1, 0) * h.view(-1, *([1] * (x.dim() - 1))) if role == "weight"
+               else h.view(-1, *([1] * (y.dim() - 1))).expand(-1, *y.shape[:-1]))
     if y.dim() == 2:
         return Delta(columns.contiguous(), out_index)
     dense = y.new_zeros((len(idx), *y.shape))

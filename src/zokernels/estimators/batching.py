@@ -70,8 +70,8 @@ def batch_targets(batch: Any, what: str) -> Any:
         return batch[1]
     if isinstance(batch, Mapping) and batch.get("labels") is not None:
         return batch["labels"]
-    got = f"a dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else \
-        f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    got = (f"a dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else
+           f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
     raise TypeError(f"batch must hold targets for {what}: a tuple (x, y, ...) or a dict with 'labels', got {got}; "
                     "pass loss_fn(model, batch) or a callable output_loss(outputs, batch) for other batches")
 

@@ -50,8 +50,9 @@ def _is_norm(model: torch.nn.Module) -> dict[str, bool]:
     out = {}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            out[f"{module_name}.{name}" if module_name else name] = isinstance(module, norms) or \
-                "layernorm" in type(module).__name__.lower() or "rmsnorm" in type(module).__name__.lower()
+            out[f"{module_name}.{name}" if module_name else name] = (
+                isinstance(module, norms) or "layernorm" in type(module).__name__.lower()
+                or "rmsnorm" in type(module).__name__.lower())
     return out
 
 

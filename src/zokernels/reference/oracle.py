@@ -239,8 +239,8 @@ def widen_batch(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.double() if batch.is_floating_point() else batch
     if isinstance(batch, Mapping):
-        return type(batch)({k: widen_batch(v) for k, v in batch.items()}) if isinstance(batch, dict) else \
-            {k: widen_batch(v) for k, v in batch.items()}
+        return (type(batch)({k: widen_batch(v) for k, v in batch.items()}) if isinstance(batch, dict) else
+                {k: widen_batch(v) for k, v in batch.items()})
     if isinstance(batch, (tuple, list)):
         return type(batch)(widen_batch(v) for v in batch)
     return batch

@@ -101,8 +101,8 @@ def check_ratios(ratios: dict[str, float], params: dict[str, torch.Tensor]) -> N
     for name, ratio in ratios.items():
         if name not in params:
             raise ValueError(f"ratios has key {name!r}, which is not a parameter of the model")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0 \
-                or math.isnan(ratio):
+        if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0
+                or math.isnan(ratio)):
             raise ValueError(f"ratios[{name!r}] must be a float in [0, 1], got {ratio!r}")
 
 
