@@ -35,14 +35,13 @@ import torch.nn.functional as F
 
 from zokernels import philox
 from zokernels.experimental import masked_sgd
+from zokernels.kernels.dispatch import choose_backend
 from zokernels.kernels.first_layer import BatchNormSpec, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
 from zokernels.reference.engine_ref import batchnorm_delta_ref, batchnorm_replicas_ref, residual_relu_delta_ref
 from zokernels.reference.kernels_ref import (first_layer_delta_ref, masked_gradients_ref, masked_sgd_ref,
                                              one_channel_conv2d_ref, one_channel_linear_ref, seed_delta_ref)
 from zokernels.reference.philox_ref import philox_normal_ref, philox_uint32_ref
-
-from zokernels.kernels.dispatch import choose_backend
 
 try:  # the fused CPU BN kernels' public home is kernels/batchnorm.py; before that move, engine/fused.py held them
     from zokernels.kernels import batchnorm as BN_MODULE  # type: ignore[attr-defined]

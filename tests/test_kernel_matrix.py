@@ -61,8 +61,8 @@ def check_bitwise(out, expected, where: str) -> None:
 def rounding_errors(op, sample, out, dtype, where: str) -> tuple[float, float, float, float] | None:
     """float64: asserts the derived bound per element. float32: (the kernel's max error, the plain float32
     evaluation's max error, one float32 rounding of the output) against the float64 twin, and the op's ceiling scale,
-    for check_float32_pooled: pooled over the samples on purpose, as helpers.max_error explains (a two-element sample's maximum is one draw of
-    rounding noise, and two such draws differ by any factor)."""
+    for check_float32_pooled: pooled over the samples on purpose, as helpers.max_error explains (a two-element
+    sample's maximum is one draw of rounding noise, and two such draws differ by any factor)."""
     oracle = op.reference(to_float64(sample))
     got = out.detach().cpu().double()
     assert got.shape == oracle.shape, f"{where}: shape {tuple(got.shape)}, the twin's {tuple(oracle.shape)}"
@@ -146,8 +146,8 @@ def _public_functions(module, needs_backend: bool) -> dict[str, object]:
 
 def kernel_ops() -> dict[str, object]:
     """The public functions taking `backend=` in zokernels.kernels (its Triton launchers excepted: they sit behind
-    those functions), zokernels.philox and zokernels.experimental.masked_sgd, and every public function of the fused CPU BN module (no backend
-    argument: cpu only)."""
+    those functions), zokernels.philox and zokernels.experimental.masked_sgd, and every public function of the
+    fused CPU BN module (no backend argument: cpu only)."""
     import zokernels.kernels as package
     found = {}
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
