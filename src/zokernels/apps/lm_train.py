@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..estimators.mezo import mezo_step
-from ..estimators.svrg import ZOSVRG
+from ..optim.model_svrg import ZOSVRG
 from .common import first_order_step
 from . import lm, lm_prompt
 from .common import (CsvLog, TimedProgress, load_checkpoint, plot_curves, restore_rng_state, rng_state,
