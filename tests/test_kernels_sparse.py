@@ -6,8 +6,8 @@ import torch
 
 from zokernels.backends import _C, availability
 from zokernels.estimators.cge import coordinate_indices
-from zokernels.experimental.masked_sgd import DENSE_BLOCK, MaskedSGD, gather_mask_indices, masked_sgd_, scatter_grad_, \
-    SGDHyper
+from zokernels.experimental.masked_sgd import (DENSE_BLOCK, MaskedSGD, SGDHyper, gather_mask_indices, masked_sgd_,
+                                               scatter_grad_)
 from zokernels.reference.kernels_ref import masked_gradients_ref, masked_sgd_ref
 from helpers import kernel_device
 

@@ -48,8 +48,8 @@ def make_problem(dtype, grouped=False):
     x = torch.randn(12, 5, generator=g).to(dtype)
     y = torch.randint(0, 3, (12,), generator=g)
     params = list(model.parameters())
-    groups = [{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias], "lr": 0.08}] \
-        if grouped else params
+    groups = ([{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias], "lr": 0.08}]
+              if grouped else params)
 
     def closure():
         return F.cross_entropy(model(x).double(), y)
@@ -126,8 +126,8 @@ def test_update_matches_float64_twin(case, q, dtype):
         assert info.layers == ref.layers and info.accepted == ref.accepted
         for i, p in enumerate(params):
             got = p.detach().double().reshape(-1).numpy()
-            assert within(got, ref.params[i], ref.bounds[i]), \
-                f"step {step} tensor {i}: max excess {np.max(np.abs(got - ref.params[i]) - ref.bounds[i]):.3g}"
+            assert within(got, ref.params[i], ref.bounds[i]), (
+                f"step {step} tensor {i}: max excess {np.max(np.abs(got - ref.params[i]) - ref.bounds[i]):.3g}")
             if i in ref.active and ref.accepted:
                 delta = np.abs(ref.params[i] - before[i].double().reshape(-1).numpy())
                 ratios.append(np.median(ref.bounds[i]) / max(np.median(delta), 1e-300))

@@ -493,8 +493,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """θ_new for every active tensor, written from the restore copy (no separate restore pass)."""
         params, groups, dirs = self._params(), self._group_of(), est.directions
         linear = self.rule.linear
-        if linear and dirs.swept and est.precondition is None and \
-                all(groups[i]["weight_decay"] == 0.0 for i in est.active):
+        if (linear and dirs.swept and est.precondition is None
+                and all(groups[i]["weight_decay"] == 0.0 for i in est.active)):
             # one sweep per distinct term list (LeZO replay histories and per-group lr can differ per tensor)
             by_terms: dict[tuple, list[int]] = {}
             for n, i in enumerate(est.active):

@@ -251,11 +251,11 @@ def zo_step_ref(cfg: dict[str, Any], params: list[torch.Tensor], groups: list[di
         return acc
 
     rule = cfg["rule"]
-    dense = rule == "sgd" and cfg.get("momentum_buffer", "dense") == "dense" and \
-        any(g.get("momentum", 0.0) != 0.0 for g in groups)
+    dense = (rule == "sgd" and cfg.get("momentum_buffer", "dense") == "dense"
+             and any(g.get("momentum", 0.0) != 0.0 for g in groups))
     linear = rule == "sgd" and not dense
-    replay = rule == "sgd" and cfg.get("momentum_buffer") == "replay" and \
-        any(g.get("momentum", 0.0) != 0.0 for g in groups)
+    replay = (rule == "sgd" and cfg.get("momentum_buffer") == "replay"
+              and any(g.get("momentum", 0.0) != 0.0 for g in groups))
     full_history = list(history) + [(t, tuple(active), tuple(coeffs))] if replay else []
     out.history = full_history
     deltas: dict[int, Bounded] = {}
