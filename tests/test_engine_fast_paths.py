@@ -1,15 +1,15 @@
-"""The engine's fast paths and caches: the fused per-replica BN(+ReLU) kernel vs its float64 twin, the capture
-cache across steps, measured pass sizes, and the allocator setting around a step."""
+"""The engine's fast paths and caches: where the fused per-replica BN(+ReLU) kernel applies (its values against the
+float64 twins are in tests/test_kernel_matrix.py), the capture cache across steps, pass sizes, and the allocator
+setting around a step."""
 import pytest
 import torch
 from torch import nn
 
 import zokernels
 from zokernels import backends
-from zokernels.engine import allocator, cge_engine, fused
+from zokernels.engine import allocator, fused
 from zokernels.models import resnet20
 from zokernels.reference import cge_ref
-from zokernels.reference.engine_ref import batchnorm_replicas_ref
 
 from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within, classification_batch
 
@@ -22,27 +22,6 @@ def replicas_channels_last(k, b, c, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(k * b, c, h, w, generator=g) * 2.0 + 3.0
     return x.contiguous(memory_format=torch.channels_last).view(k, b, c, h, w)
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 3, 64, 4, 4), (1, 2, 1, 1, 1),
-                                       (2, 5, 32, 1, 3)])
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("relu", [True, False])
-def test_batchnorm_replicas_matches_float64_twin(k, b, c, h, w, affine, relu):
-    x = replicas_channels_last(k, b, c, h, w)
-    bn = nn.BatchNorm2d(c, affine=affine)
-    if affine:
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.normal_()
-    center = x[0].mean(dim=(0, 2, 3)) + 0.1  # a center near, not at, each replica's mean
-    out = fused.batchnorm_replicas(x, bn, center, relu)
-    assert out is not None and out.shape == x.shape
-    expected = batchnorm_replicas_ref(x, bn.weight, bn.bias, bn.eps, relu)
-    # Stated bound: float32 outputs of size ≲ 5, a few ulps (2⁻²⁴·5 ≈ 3e-7 each); a statistic in float would be
-    # off by ~1e-4 on the larger shapes. The kernel is _C, built without -march and without FMA contraction
-    # (CMakeLists.txt), so it rounds the same on every x86-64 CPU.
-    torch.testing.assert_close(out.double(), expected, atol=3e-6, rtol=0)
 
 
 @needs_cpu_ext
@@ -146,50 +125,6 @@ def test_retained_heap_sets_and_restores_glibc_options_once(monkeypatch):
     with allocator.retained_heap():
         pass
     assert calls == []
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 3, 64, 4, 4), (2, 5, 32, 1, 3)])
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("relu", [True, False])
-def test_batchnorm_delta_matches_float64_twin(k, b, c, h, w, affine, relu):
-    from zokernels.engine.delta import batch_statistics
-    from zokernels.reference.engine_ref import batchnorm_delta_ref
-    x = replicas_channels_last(1, b, c, h, w)[0]
-    g = torch.Generator().manual_seed(1)
-    delta = (torch.randn(k * b, c, h, w, generator=g) * 1e-3).contiguous(memory_format=torch.channels_last)
-    delta = delta.view(k, b, c, h, w)
-    bn = nn.BatchNorm2d(c, affine=affine)
-    if affine:
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.normal_()
-    centered, root = batch_statistics(x, bn.eps)
-    base_out = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-    base_out = base_out.contiguous(memory_format=torch.channels_last)
-    out = fused.batchnorm_delta(delta, centered, root, bn.weight, base_out if relu else None)
-    assert out is not None
-    expected = batchnorm_delta_ref(x, delta, bn.weight, bn.bias, bn.eps, base_out if relu else None)
-    # δ ~ 1e-3 and formed directly: float32 rounding of the delta itself (~1e-7 relative) plus float32 base
-    # statistics (their error enters relative to δ, not to x); 1e-5 of the delta's scale is ~100x that
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out.double(), expected, atol=1e-5 * scale, rtol=0)
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("k,b,c,h,w", [(1, 4, 16, 5, 7), (3, 2, 5, 3, 3), (2, 1, 1, 1, 1)])
-@pytest.mark.parametrize("with_b", [True, False])
-def test_residual_relu_delta_matches_float64_twin(k, b, c, h, w, with_b):
-    from zokernels.reference.engine_ref import residual_relu_delta_ref
-    y = replicas_channels_last(1, b, c, h, w, seed=2)[0] - 3.0  # about half the base values negative
-    da = replicas_channels_last(k, b, c, h, w, seed=3) - 3.0
-    db = (replicas_channels_last(k, b, c, h, w, seed=4) - 3.0) if with_b else None
-    out = fused.residual_relu_delta(da, db, y)
-    assert out is not None
-    # max/min are exact; a + b and the final add round once each: within one float32 ulp of each operand's
-    # magnitude (|a + b|, |y| <= 8 here)
-    expected = residual_relu_delta_ref(da, db, y)
-    torch.testing.assert_close(out.double(), expected, atol=2 * 8 * 2 ** -24, rtol=0)
-    assert fused.residual_relu_delta(da.double(), None, y.double()) is None
 
 
 def test_float32_estimates_do_not_depend_on_which_coordinates_share_a_pass():
