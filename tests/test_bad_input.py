@@ -225,3 +225,36 @@ def test_cge_mu_that_moves_no_coordinate_or_overflows_is_named(model_and_batch, 
     with pytest.raises(ValueError, match=re.escape(f"mu={mu!r} {what} 0.weight[0]")):
         zokernels.cge_step(model, batch, mu=mu, engine=engine)
     assert_state_equal(model, before)
+
+
+def test_a_batch_that_does_not_fit_gets_its_error_and_no_fallback_warning():
+    """The recorder sees the misfit first; cge_step must not announce a naive fallback for a step that then fails
+    on the plain forward with the batch error."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (5,)))  # 6 inputs, 5 targets
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"(?s)batch_size.*the base \(unperturbed\) evaluation"):
+            zokernels.cge_step(model, batch)
+    assert not [w for w in caught if "full evaluations" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_fallback_warning_points_at_the_callers_line():
+    import warnings
+
+    class Reads(torch.nn.Module):  # Python reads a parameter-dependent value: a blocker
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.lin(x)
+            return out * 2 if float(out.sum()) > -1e9 else out
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zokernels.cge_step(Reads(), (torch.randn(6, 4), torch.randint(0, 3, (6,))))
+    fallback = [w for w in caught if "full evaluations" in str(w.message)]
+    assert len(fallback) == 1 and fallback[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]

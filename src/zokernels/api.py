@@ -101,10 +101,13 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
     with guard:
-        rec, base = (_engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, used_backend)
-                     if use_engine else (None, None))
+        rec, base, fallback = (_engine_base(model, batch, head, model_input, guard, named, engine, dense_mode,
+                                            used_backend) if use_engine else (None, None, None))
         if rec is None:
             base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+            if fallback is not None:  # warned only once a plain forward ran: a batch that does not fit gets its error
+                warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {fallback}",
+                              stacklevel=3)
         elif not update_running_stats:
             guard.restore_buffers()
         guard.keep_current_buffers()
@@ -125,8 +128,10 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
                       engine=served)
 def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, backend):
-    """(the step's recording, base loss), or (None, None) where the delta engine cannot serve this step: the
-    reason is warned (engine='auto') or raised (engine='delta'), and buffers are put back for the naive base."""
+    """(the step's recording, base loss, None), or (None, None, reason) where the delta engine cannot serve this
+    step (engine='auto'; the caller warns once the naive base evaluation has run, so a batch that does not fit the
+    model gets its error and no fallback warning), with buffers put back for that evaluation. engine='delta'
+    raises instead."""
     kernel_backend = backend if backend in KERNEL_BACKENDS else None
     try:
         base, rec = record_base(model, batch, head, model_input, guard, dict(named), dense_mode, kernel_backend)
@@ -140,14 +145,13 @@ def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mo
         reason = f"recording the forward raised {failure}"
     else:
         if not rec.tape.blockers:
-            return rec, base
+            return rec, base, None
         reason = "; ".join(rec.tape.blockers)
         rec.close()
         if engine == "delta":
             raise RuntimeError(f"engine='delta' cannot run this model exactly: {reason}")
-    warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {reason}", stacklevel=4)
     guard.restore_buffers()
-    return None, None
+    return None, None, reason
 
 
 @torch.no_grad()
