@@ -2,6 +2,7 @@
 step it) and returns a StepResult. No training policy lives here."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Callable
 
@@ -101,8 +102,9 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     loss_fn = loss_fn or head.as_loss_fn(model_input)
     guard = QueryGuard(model, params)
     with guard:
+        kernels = _engine_kernels(backend, used_backend)
         rec, base, fallback = (_engine_base(model, batch, head, model_input, guard, named, engine, dense_mode,
-                                            used_backend) if use_engine else (None, None, None))
+                                            kernels) if use_engine else (None, None, None))
         if rec is None:
             base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
             if fallback is not None:  # warned only once a plain forward ran: a batch that does not fit gets its error
@@ -127,12 +129,24 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     queries = 1 + n_coordinates * (2 if scheme == "central" else 1)
     return StepResult(loss=base, num_queries=queries, backend=used_backend, num_coordinates=n_coordinates,
                       engine=served)
-def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, backend):
+
+
+def _engine_kernels(requested: str | None, resolved: str) -> str | None:
+    """Which GPU kernels the delta engine calls (None: its own torch rules). A kernel backend asked for (argument or
+    ZOKERNELS_BACKEND) is used as asked. Chosen automatically, it is Triton where it runs: on an H200 the CUDA
+    first-layer and mixing kernels took 2-2.6x the engine's torch rules and Triton 0.57-0.66x (docs/kernels.md)."""
+    if resolved not in KERNEL_BACKENDS:
+        return None
+    if requested or os.environ.get("ZOKERNELS_BACKEND"):
+        return resolved
+    return "triton" if backends.status("triton").available else None
+
+
+def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, kernel_backend):
     """(the step's recording, base loss, None), or (None, None, reason) where the delta engine cannot serve this
     step (engine='auto'; the caller warns once the naive base evaluation has run, so a batch that does not fit the
     model gets its error and no fallback warning), with buffers put back for that evaluation. engine='delta'
     raises instead."""
-    kernel_backend = backend if backend in KERNEL_BACKENDS else None
     try:
         base, rec = record_base(model, batch, head, model_input, guard, dict(named), dense_mode, kernel_backend)
     except RecordingFailed as failure:  # the forward raised under the recorder: let a plain forward decide
