@@ -77,8 +77,9 @@ def recording(closure, params):
     return wrapped, seen
 
 
-def twin_step(opt, params, closure, before_params, before_state, lr_scale=1.0):
-    def loss_at(points):
+def evaluated_at(params, closure):
+    """closure(), evaluated with the parameters set to `points` and put back after."""
+    def at(points):
         with torch.no_grad():
             saved = [p.detach().clone() for p in params]
             for p, v in zip(params, points):
@@ -87,6 +88,12 @@ def twin_step(opt, params, closure, before_params, before_state, lr_scale=1.0):
             for p, v in zip(params, saved):
                 p.copy_(v)
         return value
+
+    return at
+
+
+def twin_step(opt, params, closure, before_params, before_state, lr_scale=1.0):
+    loss_at = evaluated_at(params, closure)
 
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "lr": g["lr"] * lr_scale}
               for g in opt.param_groups for _ in g["params"]]
@@ -376,20 +383,6 @@ def svrg_problem(dtype):
     full = [loss_on(torch.arange(0, 6)), loss_on(torch.arange(6, 12))]
     minibatches = [loss_on(torch.randperm(12, generator=g)[:4]) for _ in range(6)]
     return params, full, minibatches
-
-
-def evaluated_at(params, closure):
-    def at(points):
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            for p, v in zip(params, points):
-                p.copy_(v)
-            value = float(closure())
-            for p, v in zip(params, saved):
-                p.copy_(v)
-        return value
-
-    return at
 
 
 def svrg_twin(opt, params, before, anchor, anchor_terms, t, closure, full, lr_scale=1.0):
