@@ -194,6 +194,16 @@ def perturbed_batchnorm(node: Node, ctx: Context, d: Delta) -> Delta:
     return Delta(out, perturbed=True, relu_applied=relu)
 
 
+def _normalization_statistics(ctx, node, x: torch.Tensor, dims: tuple[int, ...], eps: float, shape=None):
+    """(x − mean, sqrt(var + eps)) of the base input (viewed as `shape`, if given) over `dims` (biased variance,
+    keepdim), once per node: what the layer / instance / group norm closed forms divide by."""
+    def statistics():
+        base = x if shape is None else x.reshape(shape)
+        var, mean = torch.var_mean(base, dim=dims, correction=0, keepdim=True)
+        return base - mean, torch.sqrt(var + eps)
+    return ctx.cached(node, "normalization_statistics", statistics)
+
+
 @rule("layer_norm", describe="exact: per-sample statistics formed from δ (the BN closed form over the normalized "
                              "axes)")
 def _layer_norm(node, ctx, deltas):
@@ -205,10 +215,7 @@ def _layer_norm(node, ctx, deltas):
     dims = tuple(range(x.dim() - n, x.dim()))
     eps = a.get("eps", 1e-5)
 
-    def statistics():
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        return x - mean, torch.sqrt(var + eps)
-    centered, root = ctx.cached(node, "layer_statistics", statistics)
+    centered, root = _normalization_statistics(ctx, node, x, dims, eps)
     weight = value(a.get("weight"))
     out = math.normalization_delta(d.dense(x), centered.unsqueeze(0), root.unsqueeze(0),
                                    tuple(i + 1 for i in dims), weight)
@@ -228,10 +235,7 @@ def _instance_norm(node, ctx, deltas):
     spatial = tuple(range(2, x.dim()))
     eps = a.get("eps", 1e-5)
 
-    def statistics():
-        var, mean = torch.var_mean(x, dim=spatial, correction=0, keepdim=True)
-        return x - mean, torch.sqrt(var + eps)
-    centered, root = ctx.cached(node, "instance_statistics", statistics)
+    centered, root = _normalization_statistics(ctx, node, x, spatial, eps)
     weight = value(a.get("weight"))
     first_spatial = 2 if d.channels is not None else 3
     reduce = tuple(range(first_spatial, d.values.dim()))
@@ -249,11 +253,7 @@ def _group_norm(node, ctx, deltas):
     groups, eps = a["num_groups"], a.get("eps", 1e-5)
     grouped = (x.shape[0], groups, -1)
 
-    def statistics():
-        flat = x.reshape(grouped)
-        var, mean = torch.var_mean(flat, dim=2, correction=0, keepdim=True)
-        return flat - mean, torch.sqrt(var + eps)
-    centered, root = ctx.cached(node, "group_statistics", statistics)
+    centered, root = _normalization_statistics(ctx, node, x, (2,), eps, grouped)
     k = d.replicas
     out = math.normalization_delta(d.dense(x).reshape(k, *grouped), centered.unsqueeze(0), root.unsqueeze(0),
                                    (3,), None).reshape(k, *x.shape)
