@@ -368,18 +368,26 @@ class ReplicatedZO:
     def agree_on_seed(self, seed: int | None) -> int:
         """`seed`, or one drawn on rank 0, broadcast: every rank must regenerate the same directions. A given seed
         is checked to be the same on every rank."""
-        device = _collective_device(self.group)
         drawn = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
-        value = torch.tensor([drawn], dtype=torch.int64, device=device)
         if seed is None:
-            dist.broadcast(value, src=self._global_rank(0), group=self.group)
-            return int(value.item())
-        gathered = [torch.empty_like(value) for _ in range(self.world_size)]
-        dist.all_gather(gathered, value, group=self.group)
-        seeds = [int(g.item()) for g in gathered]
+            return self._broadcast_int(drawn)
+        seeds = [row[0] for row in self._gathered([drawn], torch.int64)]
         if len(set(seeds)) != 1:
             raise ValueError(f"seed differs across ranks ({seeds}): every rank must pass the same seed (or None)")
         return seeds[0]
+
+    def _broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
+        dist.broadcast(tensor, src=self._global_rank(0), group=self.group)
+        return int(tensor.item())
+
+    def _gathered(self, values: list, dtype: torch.dtype) -> list[list]:
+        """Every rank's `values`, in rank order."""
+        mine = torch.tensor(values, dtype=dtype, device=_collective_device(self.group))
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        return [g.cpu().tolist() for g in gathered]
 
     def _before_step(self, model: torch.nn.Module) -> None:
         if self.check_every and self.steps == 0:  # the replicas must start identical
@@ -508,18 +516,9 @@ class PerturbationParallelZO(ReplicatedZO):
 
     def agree_on_arguments(self, q: int, mu: float, lr: float) -> None:
         """Every rank must split the same 2q queries and apply the same update: ValueError if q, mu or lr differ."""
-        device = _collective_device(self.group)
-        mine = torch.tensor([float(q), mu, lr], dtype=torch.float64, device=device)
-        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine, group=self.group)
-        rows = [g.cpu().tolist() for g in gathered]
+        rows = self._gathered([float(q), mu, lr], torch.float64)
         if any(row != rows[0] for row in rows):
             raise ValueError(f"(q, mu, lr) differ across ranks: {rows}; every rank must pass the same values")
-
-    def _broadcast_int(self, value: int) -> int:
-        tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
-        dist.broadcast(tensor, src=self._global_rank(0), group=self.group)
-        return int(tensor.item())
 
     @torch.no_grad()
     def mezo_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
