@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cge import coordinate_indices
 from .common import (StepResult, check_mask, check_mu, check_realized_steps, nonfinite_error, note_query_failure,
                      trainable_parameters, write_grads)
 
@@ -24,13 +25,8 @@ UNTOUCHED = "the parameters were not modified (the queries are copies)"
 def _selected(named: list[tuple[str, torch.nn.Parameter]],
               mask: dict[str, torch.Tensor] | None) -> list[tuple[int, int]]:
     """(parameter position, flat index) of every selected coordinate, in the order cge_step uses."""
-    coords = []
-    for k, (name, p) in enumerate(named):
-        if mask is None:
-            coords += [(k, i) for i in range(p.numel())]
-        elif name in mask:
-            coords += [(k, i) for i in torch.nonzero(mask[name].reshape(-1).cpu()).flatten().tolist()]
-    return coords
+    return [(k, i) for k, (name, p) in enumerate(named) if mask is None or name in mask
+            for i in coordinate_indices(p, None if mask is None else mask[name]).tolist()]
 
 
 def _check_max_queries(max_queries: int) -> int:
