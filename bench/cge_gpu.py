@@ -86,10 +86,10 @@ def engine_rule_rows(model, x, y, indices, steps, device) -> list[dict]:
     from zokernels.engine.cge_engine import record_base
     from zokernels.engine.heads import Head
     from zokernels.engine.seeds import seed_delta
-    from zokernels.estimators.common import QueryGuard
+    from zokernels.estimators.scope import QueryScope
     named = dict(model.named_parameters())
     batch = (x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-    with QueryGuard(model, list(named.values())) as guard:
+    with QueryScope(model, list(named.values())) as guard:
         _, rec = record_base(model, batch, Head(None, batch), None, guard, named)
     param = rec.tape.params["conv1.weight"]
     conv_node = param.users[0]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from zokernels.engine import cge_engine
 from zokernels.engine.allocator import retained_heap
 from zokernels.engine.heads import Head
-from zokernels.estimators.common import QueryGuard
+from zokernels.estimators.scope import QueryScope
 from zokernels.models import resnet20
 from zokernels.reference import cge_ref
 from zokernels.sparsity import sample_masks, uniform_ratios, with_dense_coordinates
@@ -105,7 +105,7 @@ def time_engine(model, batch, mask, sample, budget, generator, dense_mode="delta
     """Extrapolated engine step time and the estimates on the sampled coordinates. kernel_backend 'triton'/'cuda'
     makes the engine call the GPU kernels."""
     head, named = Head(None, batch), list(model.named_parameters())
-    guard = QueryGuard(model, [p for _, p in named])
+    guard = QueryScope(model, [p for _, p in named])
     with guard, retained_heap():
         start = time.perf_counter()
         _, rec = cge_engine.record_base(model, batch, head, None, guard, dict(named), dense_mode, kernel_backend)

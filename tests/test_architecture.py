@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "src" / "zokernels"
 LAYERS = {  # first path component under src/zokernels -> layer (docs/architecture.md)
-    "backends": 0, "_C": 0, "kernels": 1, "philox": 2, "estimators": 3, "engine": 4, "sparsity": 5, "models": 5,
+    "backends": 0, "_C": 0, "checks": 0, "kernels": 1, "philox": 2, "estimators": 3, "engine": 4, "sparsity": 5, "models": 5,
     "data": 5, "api": 6, "distributed": 6, "hf": 6, "optim": 6, "apps": 7, "cli": 7, "info": 7, "experimental": 7,
     "__init__": 8,
 }

@@ -11,7 +11,7 @@ from zokernels.engine import cge_engine, fusion, statistics
 from zokernels.engine.heads import Head
 from zokernels.engine.ops import canonical
 from zokernels.engine.statistics import bn_statistics
-from zokernels.estimators.common import QueryGuard
+from zokernels.estimators.scope import QueryScope
 
 from helpers import FLOAT32_UNIT_ROUNDOFF, assert_float32_error_within
 
@@ -22,7 +22,7 @@ BN_CASES = [(nn.BatchNorm1d, (16, 5)), (nn.BatchNorm1d, (8, 5, 7)), (nn.BatchNor
 
 def _record(model, batch, kernel_backend=None):
     head, named = Head("cross_entropy", batch), dict(model.named_parameters())
-    guard = QueryGuard(model, list(named.values()))
+    guard = QueryScope(model, list(named.values()))
     with guard, torch.no_grad():
         return cge_engine.record_base(model, batch, head, None, guard, named, kernel_backend=kernel_backend)[1]
 

@@ -9,7 +9,7 @@ from zokernels.backends import _C, availability
 from zokernels.engine import cge_engine
 from zokernels.engine.fusion import fused_pattern
 from zokernels.engine.heads import Head
-from zokernels.estimators.common import QueryGuard
+from zokernels.estimators.scope import QueryScope
 from helpers import kernel_device
 
 pytest.importorskip("triton")
@@ -39,7 +39,7 @@ def loss_changes(model, batch, names, backend):
     device = kernel_device(backend)
     model, batch = model.to(device), tuple(t.to(device) for t in batch)
     head, named = Head("cross_entropy", batch), dict(model.named_parameters())
-    guard = QueryGuard(model, list(named.values()))
+    guard = QueryScope(model, list(named.values()))
     results = {}
     with guard, torch.no_grad():
         _, plain = cge_engine.record_base(model, batch, head, None, guard, named)
@@ -68,7 +68,7 @@ def test_fused_start_gives_the_engines_loss_changes(train, backend):
 
 def _recorded(model, batch):
     head, named = Head("cross_entropy", batch), dict(model.named_parameters())
-    guard = QueryGuard(model, list(named.values()))
+    guard = QueryScope(model, list(named.values()))
     with guard, torch.no_grad():
         return cge_engine.record_base(model, batch, head, None, guard, named)[1].tape
 

@@ -117,13 +117,13 @@ def test_first_layer_matches_engine_seed_and_rules():
     from zokernels.engine.cge_engine import record_base
     from zokernels.engine.heads import Head
     from zokernels.engine.seeds import seed_delta
-    from zokernels.estimators.common import QueryGuard
+    from zokernels.estimators.scope import QueryScope
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.BatchNorm2d(3),
                                 torch.nn.ReLU()).double()
     x = torch.randn(4, 2, 9, 7, dtype=F64)
     y, indices, steps = model[0](x), torch.tensor([0, 17, 40, 53]), torch.randn(4, dtype=F64) * 0.1
     named = dict(model.named_parameters())
-    with QueryGuard(model, list(named.values())) as guard:  # the engine's recording of the conv (its seed's input)
+    with QueryScope(model, list(named.values())) as guard:  # the engine's recording of the conv (its seed's input)
         _, rec = record_base(model, (x,), Head(lambda out, batch: out.sum(), (x,)), None, guard, named)
     param = rec.tape.params["0.weight"]
     seed = seed_delta(param.users[0], param, indices, steps, rec.ctx)

@@ -88,7 +88,7 @@ def test_nonfinite_and_bad_output_leave_everything_untouched():
 def test_bad_arguments_name_themselves():
     model = random_mlp(torch.float32, 2)
     loss = lambda s: torch.zeros(s[0].shape[0])  # noqa: E731
-    with pytest.raises(ValueError, match="max_queries must be an int >= 2"):
+    with pytest.raises(ValueError, match="max_queries must be >= 2"):
         stacked_cge_step(model, loss, max_queries=1)
     with pytest.raises(ValueError, match="mu must be"):
         stacked_cge_step(model, loss, mu=-1.0)

@@ -8,27 +8,18 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends
+from . import backends, philox
+from .checks import check_choice, check_int, check_mu
 from .engine.cge_engine import DENSE_MODES, RecordingFailed, engine_estimates, record_base
 from .engine.heads import BUILTIN_OUTPUT_LOSSES, Head, OutputLoss
 from .estimators.cge import estimate_each_parameter, naive_parameter_estimator
-from .estimators.common import (BASE_QUERY, LossFn, QueryGuard, StepResult, batch_misfit, check_choice, check_mask,
-                                check_mu, check_realized_steps, check_step_batch, default_loss, evaluate_loss,
-                                note_query_failure, trainable_parameters, write_grads)
+from .estimators.common import (BASE_QUERY, LossFn, StepResult, batch_misfit, check_mask, check_realized_steps,
+                                check_step_batch, default_loss, note_query_failure, trainable_parameters, write_grads)
 from .estimators.rge import DISTRIBUTIONS, rge_estimate
+from .estimators.scope import QueryScope
 from .kernels.dispatch import KERNEL_BACKENDS
-from .philox import _check_seed
 
 SCHEMES = ("forward", "central")
-
-
-def _base_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuard,
-               update_running_stats: bool) -> float:
-    with guard.same_randomness():
-        loss = evaluate_loss(loss_fn, model, batch, "the base (unperturbed) evaluation")
-    if not update_running_stats:
-        guard.restore_buffers()
-    return loss
 
 
 def _model_device(params: list[torch.Tensor]) -> torch.device:
@@ -90,8 +81,8 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
         raise ValueError("pass either loss_fn(model, batch) or output_loss(outputs, batch), not both")
     if isinstance(output_loss, str):
         check_choice("output_loss", output_loss, BUILTIN_OUTPUT_LOSSES)
-    if max_memory_bytes is not None and (not isinstance(max_memory_bytes, int) or max_memory_bytes < 1):
-        raise ValueError(f"max_memory_bytes must be a positive int, got {max_memory_bytes!r}")
+    if max_memory_bytes is not None:
+        check_int("max_memory_bytes", max_memory_bytes)
     named = trainable_parameters(model)
     mask = check_mask(mask, named)
     check_realized_steps(named, mask, mu, scheme)  # a μ that moves no coordinate would divide by zero
@@ -100,20 +91,20 @@ def cge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     head = Head(output_loss, batch)
     use_engine = _delta_engine_wanted(engine, loss_fn)
     loss_fn = loss_fn or head.as_loss_fn(model_input)
-    guard = QueryGuard(model, params)
-    with guard:
+    with QueryScope(model, params) as scope:
         kernels = _engine_kernels(backend, used_backend)
-        rec, base, fallback = (_engine_base(model, batch, head, model_input, guard, named, engine, dense_mode,
+        rec, base, fallback = (_engine_base(model, batch, head, model_input, scope, named, engine, dense_mode,
                                             kernels) if use_engine else (None, None, None))
         if rec is None:
-            base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
+            base = scope.loss(loss_fn, batch, BASE_QUERY, keep_buffers=update_running_stats)
             if fallback is not None:  # warned only once a plain forward ran: a batch that does not fit gets its error
                 warnings.warn(f"zokernels.cge_step: using full evaluations per coordinate because {fallback}",
                               stacklevel=3)
-        elif not update_running_stats:
-            guard.restore_buffers()
-        guard.keep_current_buffers()
-        naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base)
+        elif update_running_stats:
+            scope.commit_buffers()
+        else:
+            scope.restore_buffers()
+        naive = naive_parameter_estimator(batch, loss_fn, mu, scheme == "central", scope, base)
         try:
             if rec is not None:
                 estimates, n_coordinates, fell_back = engine_estimates(rec, mu, named, mask, scheme,
@@ -142,13 +133,13 @@ def _engine_kernels(requested: str | None, resolved: str) -> str | None:
     return "triton" if backends.status("triton").available else None
 
 
-def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mode, kernel_backend):
+def _engine_base(model, batch, head, model_input, scope, named, engine, dense_mode, kernel_backend):
     """(the step's recording, base loss, None), or (None, None, reason) where the delta engine cannot serve this
     step (engine='auto'; the caller warns once the naive base evaluation has run, so a batch that does not fit the
     model gets its error and no fallback warning), with buffers put back for that evaluation. engine='delta'
     raises instead."""
     try:
-        base, rec = record_base(model, batch, head, model_input, guard, dict(named), dense_mode, kernel_backend)
+        base, rec = record_base(model, batch, head, model_input, scope, dict(named), dense_mode, kernel_backend)
     except RecordingFailed as failure:  # the forward raised under the recorder: let a plain forward decide
         if engine == "delta":
             error = failure.__cause__
@@ -164,7 +155,7 @@ def _engine_base(model, batch, head, model_input, guard, named, engine, dense_mo
         rec.close()
         if engine == "delta":
             raise RuntimeError(f"engine='delta' cannot run this model exactly: {reason}")
-    guard.restore_buffers()
+    scope.restore_buffers()
     return None, None, reason
 
 
@@ -182,17 +173,12 @@ def rge_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, 
     loss_fn = loss_fn or default_loss
     mu = check_mu(mu)
     check_choice("dist", dist, DISTRIBUTIONS)
-    if isinstance(q, bool) or not isinstance(q, int):
-        raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
-    if q < 1:
-        raise ValueError(f"q must be >= 1 (number of random directions), got {q}")
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
+    q = check_int("q", q)
+    seed = philox.step_seed(seed)
     params = [p for _, p in trainable_parameters(model)]
     used_backend = backends.resolve_backend(backend, _model_device(params))
-    guard = QueryGuard(model, params)
-    with guard:
-        base = _base_loss(loss_fn, model, batch, guard, update_running_stats)
-        guard.keep_current_buffers()
-        estimates = rge_estimate(model, batch, loss_fn, mu, q, dist, seed, params, guard, base, used_backend)
+    with QueryScope(model, params) as scope:
+        base = scope.loss(loss_fn, batch, BASE_QUERY, keep_buffers=update_running_stats)
+        estimates = rge_estimate(batch, loss_fn, mu, q, dist, seed, params, scope, base, used_backend)
     write_grads(params, estimates, accumulate)
     return StepResult(loss=base, num_queries=1 + q, backend=used_backend, seed=seed)

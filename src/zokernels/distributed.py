@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import api
+from . import api, philox
+from .checks import check_int, check_seed
 from .estimators import mezo
 from .estimators.common import RESTORED, LossFn, StepResult, check_step_batch, default_loss, trainable_parameters
-from .philox import _check_seed
+from .estimators.scope import QueryScope, RngState, rng_state
 
 
 def selected_coordinates(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None
@@ -341,9 +342,7 @@ class ReplicatedZO:
         if not dist.is_initialized():
             raise RuntimeError(f"torch.distributed is not initialized: call dist.init_process_group (or use "
                                f"{type(self).__name__}.from_environment() under torchrun)")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
-            raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
-        self.group, self.check_every = group, check_every
+        self.group, self.check_every = group, check_int("check_every", check_every, 0)
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.steps = 0
 
@@ -368,7 +367,7 @@ class ReplicatedZO:
     def agree_on_seed(self, seed: int | None) -> int:
         """`seed`, or one drawn on rank 0, broadcast: every rank must regenerate the same directions. A given seed
         is checked to be the same on every rank."""
-        drawn = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        drawn = philox.step_seed(seed)
         if seed is None:
             return self._broadcast_int(drawn)
         seeds = [row[0] for row in self._gathered([drawn], torch.int64)]
@@ -376,11 +375,21 @@ class ReplicatedZO:
             raise ValueError(f"seed differs across ranks ({seeds}): every rank must pass the same seed (or None)")
         return seeds[0]
 
+    def agree_on_rng_state(self, device: torch.device) -> RngState:
+        """Rank 0's RNG state (CPU, and CUDA for a CUDA `device`) on every rank: a query scope started from it
+        draws rank 0's dropout masks, as one process would."""
+        cpu, cuda = rng_state(device)
+        return self._broadcast(cpu), (None if cuda is None else self._broadcast(cuda))
+
     def _broadcast_int(self, value: int) -> int:
         """Rank 0's `value` on every rank."""
-        tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
-        dist.broadcast(tensor, src=self._global_rank(0), group=self.group)
-        return int(tensor.item())
+        return int(self._broadcast(torch.tensor([value], dtype=torch.int64)).item())
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` (same shape and dtype on every rank) on every rank, on the CPU."""
+        sent = tensor.to(_collective_device(self.group))
+        dist.broadcast(sent, src=self._global_rank(0), group=self.group)
+        return sent.cpu()
 
     def _gathered(self, values: list, dtype: torch.dtype) -> list[list]:
         """Every rank's `values`, in rank order."""
@@ -510,8 +519,7 @@ class PerturbationParallelZO(ReplicatedZO):
         result = zo.mezo_step(model, batch, mu=1e-3, lr=1e-6, q=4)   # batch: the same on every rank
 
     The step equals zokernels.mezo_step(model, batch, ..., q=q) in one process bit for bit (parameters, projected
-    gradients, loss) when that process's global RNG is where rank 0's is (the forward seed for dropout is drawn
-    from it) and the forwards compute the same bits as in the ranks (same kernels, same thread count's reduction
+    gradients, loss) when that process's global RNG is where rank 0's is (dropout draws from it) and the forwards compute the same bits as in the ranks (same kernels, same thread count's reduction
     order). Replicas are checked as ReplicatedZO says (`check_every`)."""
 
     def agree_on_arguments(self, q: int, mu: float, lr: float) -> None:
@@ -533,15 +541,15 @@ class PerturbationParallelZO(ReplicatedZO):
                              "directions), so the replicas would drift apart")
         check_step_batch(batch, custom_loss=loss_fn is not None)
         loss_fn = loss_fn or default_loss
-        seed = self.agree_on_seed(None if seed is None else _check_seed("seed", seed))
-        mu, lr, q, seed = mezo._check_step_args(mu, lr, q, mode, seed)
-        mezo._check_update_args(update, accumulate, mode)
+        seed = self.agree_on_seed(None if seed is None else check_seed("seed", seed))
+        mu, lr, q, seed = mezo.check_step_args(mu, lr, q, mode, seed)
+        mezo.check_update_args(update, accumulate, mode)
         self.agree_on_arguments(q, mu, lr)
         pert = mezo.Perturbation(model, mezo.select_parameters(model, param_filter), backend, scratch=True)
         self._before_step(model)
         blocks = query_blocks(q, self.world_size)
-        with mezo.QueryContext(model, [pert.params[0].device], RESTORED) as ctx:
-            ctx.forward_seed = self._broadcast_int(ctx.forward_seed)  # one dropout draw for all ranks' queries
+        start = self.agree_on_rng_state(pert.params[0].device)  # dropout draws rank 0's masks in every rank's queries
+        with QueryScope(model, rng_state=start, restored=RESTORED) as ctx:
             losses, error = [], None
             try:
                 losses = mezo.exact_query_losses(ctx, pert, loss_fn, batch, seed, mu, blocks[self.rank])

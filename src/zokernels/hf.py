@@ -26,8 +26,8 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("zokernels.hf needs transformers (pip install 'zokernels[lm]')") from error
 
-from .estimators.mezo import MODES, mezo_step, select_parameters, check_positive_int
-from .estimators.common import check_choice, check_mu
+from .checks import check_choice, check_int, check_mu
+from .estimators.mezo import MODES, mezo_step, select_parameters
 
 ZO_METHODS = ("mezo",)
 
@@ -105,12 +105,9 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer performs the update itself; optimizer_cls_and_kwargs does not apply")
         check_choice("zo_method", zo_method, ZO_METHODS)
         check_choice("mode", mode, MODES)
-        self.zo_mu, self.zo_q, self.zo_mode = check_mu(mu), check_positive_int("q", q), mode
+        self.zo_mu, self.zo_q, self.zo_mode = check_mu(mu), check_int("q", q), mode
         self.zo_param_filter, self.zo_backend, self.zo_method = param_filter, backend, zo_method
-        if (isinstance(check_replicas_every, bool) or not isinstance(check_replicas_every, int)
-                or check_replicas_every < 0):
-            raise ValueError(f"check_replicas_every must be an int >= 0, got {check_replicas_every!r}")
-        self.check_replicas_every = check_replicas_every
+        self.check_replicas_every = check_int("check_replicas_every", check_replicas_every, 0)
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0
                                or math.isinf(lr)):
             raise ValueError(f"lr must be a finite float >= 0 or None, got {lr!r}")

@@ -16,16 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
+
 RESNET_DEPTHS = (20, 32, 44, 56)
 SMALL_CNN_DEPTHS = (1, 2, 3, 4, 5)
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class ShortcutA(nn.Module):
@@ -78,8 +72,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"depth must be one of {RESNET_DEPTHS} (6n + 2), got {depth}")
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        check_int("num_classes", num_classes)
+        check_int("in_channels", in_channels)
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -140,9 +134,9 @@ def small_cnn(depth: int = 1, in_channels: int = 3, num_classes: int = 10, chann
         raise TypeError(f"depth must be an int, got {type(depth).__name__}")
     if depth not in SMALL_CNN_DEPTHS:
         raise ValueError(f"depth must be in 1..5, got {depth}")
-    _check_positive_int("in_channels", in_channels)
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("channels", channels)
+    check_int("in_channels", in_channels)
+    check_int("num_classes", num_classes)
+    check_int("channels", channels)
     pools = {"avg": lambda: nn.AvgPool2d(2, ceil_mode=True), "max": lambda: nn.MaxPool2d(2, ceil_mode=True)}
     if pool not in (*pools, "none"):
         raise ValueError(f"pool must be one of ('avg', 'max', 'none'), got {pool!r}")

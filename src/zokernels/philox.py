@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .checks import check_seed
 from .kernels import native
 from .kernels.dispatch import KERNEL_BACKENDS, choose_backend
 from .kernels.philox_torch import philox_normal_torch, philox_uint32_torch
@@ -37,18 +38,20 @@ NORMAL = native.op("philox_normal", native.tensor("out", dtypes=(torch.float32,)
 UINT32 = native.op("philox_uint32", native.tensor("out", dtypes=(torch.int32,)), "n", "seed", "stream", "offset",
                    backends=("cpu",))
 NORMAL_SUMSQ = native.op("philox_normal_sumsq", "n", "seed", "stream", "offset", backends=("cpu",))
-_UINT64_MAX = 2**64 - 1
 # Elements per program (Triton) / per thread block (CUDA: 256 threads x one Philox block of 4 elements each).
 TRITON_BLOCK = 2048
 CUDA_BLOCK = 1024
 
 
-def _check_seed(name: str, value: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= int(value) <= _UINT64_MAX:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return int(value)
+SEED_DRAW_BOUND = 2**62  # drawn seeds are < 2**62: they survive a round trip through int64 and JSON
+
+
+def step_seed(seed: int | None, name: str = "seed") -> int:
+    """The Philox seed of a step or an optimizer: `seed` checked, or (None) one drawn from torch's global generator,
+    so that torch.manual_seed makes a run repeatable. Every verb draws its seed here and reports it."""
+    if seed is None:
+        return int(torch.randint(0, SEED_DRAW_BOUND, (1,)).item())
+    return check_seed(name, seed)
 
 
 def _resolve(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
@@ -66,7 +69,7 @@ def _use_cpu_ext(op: native.NativeOp, backend: str | None) -> bool:
 
 
 def _check_offsets(offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[int]:
-    checked = [_check_seed(f"offsets[{i}]", o) for i, o in enumerate(offsets)]
+    checked = [check_seed(f"offsets[{i}]", o) for i, o in enumerate(offsets)]
     for i, (o, t) in enumerate(zip(checked, tensors)):
         if o + t.numel() > 2**63:
             raise ValueError(f"offsets[{i}] + numel must stay below 2**63, got {o} + {t.numel()}")
@@ -75,7 +78,7 @@ def _check_offsets(offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> l
 
 def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> torch.Tensor:
     """float32 tensor of z(seed, stream, offset + i), i < n."""
-    seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
+    seed, stream, offset = (check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if _use_cpu_ext(NORMAL, backend):
@@ -87,7 +90,7 @@ def philox_normal(n: int, seed: int, stream: int = 0, offset: int = 0, backend: 
 
 def philox_uint32(n: int, seed: int, stream: int = 0, offset: int = 0, backend: str | None = None) -> np.ndarray:
     """The raw uint32 Philox words behind z (for tests and cross-backend checks)."""
-    seed, stream, offset = (_check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
+    seed, stream, offset = (check_seed(k, v) for k, v in (("seed", seed), ("stream", stream), ("offset", offset)))
     if _use_cpu_ext(UINT32, backend):
         out = torch.empty(n, dtype=torch.int32)
         UINT32("cpu", out, n, seed, stream, offset)
@@ -107,7 +110,7 @@ def stream_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
 def normal_sumsq(numel: int, seed: int, stream: int, offset: int, backend: str | None = None) -> float:
     """Σ z(seed, stream, offset + i)² over i < numel, without materializing z on the cpu backend."""
     if _use_cpu_ext(NORMAL_SUMSQ, backend):
-        return float(NORMAL_SUMSQ("cpu", numel, _check_seed("seed", seed), stream, offset))
+        return float(NORMAL_SUMSQ("cpu", numel, check_seed("seed", seed), stream, offset))
     # z is generated on the CPU (the result is a host float); the float64 sum keeps numpy's dot order.
     z = philox_normal_torch(numel, seed, stream, offset).numpy().astype(np.float64)
     return float(np.dot(z, z))
@@ -119,7 +122,7 @@ def _terms32(terms: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
     for k, term in enumerate(terms):
         if not (isinstance(term, (tuple, list)) and len(term) == 2):
             raise TypeError(f"terms[{k}] must be a (stream, coeff) pair, got {term!r}")
-        checked.append((_check_seed(f"terms[{k}] stream", term[0]), float(np.float32(term[1]))))
+        checked.append((check_seed(f"terms[{k}] stream", term[0]), float(np.float32(term[1]))))
     return checked
 
 
@@ -153,7 +156,7 @@ def add_normal_combination_(
         raise ValueError(f"scales must have one entry per tensor ({len(tensors)}), got {len(scales)}")
     _check_sweep_targets(tensors)
     offsets = _check_offsets(offsets, tensors)
-    seed = _check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     resolved = _resolve(tensors, backend)
     if resolved in ("triton", "cuda"):
         scales32 = [float(np.float32(s)) for s in scales]
@@ -208,7 +211,7 @@ def normal_combination_into(
         if any(x.shape != o.shape or x.dtype != o.dtype for x in others):
             raise ValueError(f"out[{i}], sources[{i}] (and minus[{i}]) must share shape and dtype, got "
                              f"{[(tuple(x.shape), x.dtype) for x in [o] + others]}")
-    seed = _check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     terms32 = _terms32(terms)
     resolved = _resolve(targets, backend)
     if resolved in ("triton", "cuda"):

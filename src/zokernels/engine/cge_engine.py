@@ -14,7 +14,8 @@ import torch
 
 from ..estimators.batching import model_call
 from ..estimators.cge import estimate_each_parameter
-from ..estimators.common import BASE_QUERY, QueryGuard, coordinate_query, finite_scalar
+from ..estimators.common import BASE_QUERY, coordinate_query, finite_scalar
+from ..estimators.scope import QueryScope
 from .allocator import retained_heap
 from . import fusion
 from .heads import Head
@@ -66,7 +67,7 @@ class Recording:
 
 
 @torch.no_grad()
-def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, guard: QueryGuard,
+def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, scope: QueryScope,
                 params: dict[str, torch.Tensor], dense_mode: str = "delta",
                 kernel_backend: str | None = None) -> tuple[float, Recording]:
     """The base forward (a real one, recorded) and the base loss."""
@@ -76,7 +77,7 @@ def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, gua
         outputs = model(*args, **kwargs)
         return outputs, head.recorded_loss(outputs)
 
-    with guard.same_randomness():
+    with scope.same_randomness():
         try:
             tape = record(forward, model, params)
         except Exception as error:
@@ -87,6 +88,7 @@ def record_base(model: torch.nn.Module, batch: Any, head: Head, model_input, gua
     else:
         base = head.base(tape.outputs)
         loss_node, outputs = None, head.output_leaves(tape)
+    scope.record_loss(base)
     _channels_last(tape)
     ctx = Context({}, dense_mode, kernel_backend)
     if kernel_backend is not None:  # the GPU kernels' plan, matched once for the whole step

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..estimators.common import QueryGuard, trainable_parameters
+from ..estimators.common import trainable_parameters
+from ..estimators.scope import QueryScope
 from .cge_engine import record_base
 from .heads import Head
 from .ops import canonical
@@ -59,8 +60,8 @@ def explain(model: torch.nn.Module, batch: Any, *, output_loss=None, model_input
     every op that depends on a trainable parameter, the rule the delta engine applies."""
     named = trainable_parameters(model)
     head = Head(output_loss, batch)
-    with QueryGuard(model, [p for _, p in named]) as guard:
-        _, rec = record_base(model, batch, head, model_input, guard, dict(named))
+    with QueryScope(model, [p for _, p in named]) as scope:
+        _, rec = record_base(model, batch, head, model_input, scope, dict(named))
         try:
             result = Explanation(blockers=list(rec.tape.blockers))
             for node in rec.tape.nodes:

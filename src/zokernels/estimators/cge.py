@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .common import LossFn, QueryGuard, coordinate_query, evaluate_loss, realized_step_error
+from .common import LossFn, coordinate_query, realized_step_error
+from .scope import QueryScope
 
 
 def coordinate_indices(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -18,14 +19,8 @@ def coordinate_indices(param: torch.Tensor, mask: torch.Tensor | None) -> torch.
     return torch.nonzero(mask.reshape(-1).cpu()).flatten()
 
 
-def _query(loss_fn: LossFn, model: torch.nn.Module, batch: Any, guard: QueryGuard, what: str) -> float:
-    with guard.same_randomness():
-        return evaluate_loss(loss_fn, model, batch, what)
-
-
 def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, base_loss: float, mu: float,
-                       central: bool, loss_fn: LossFn, model: torch.nn.Module, batch: Any,
-                       guard: QueryGuard) -> torch.Tensor:
+                       central: bool, loss_fn: LossFn, batch: Any, scope: QueryScope) -> torch.Tensor:
     error = realized_step_error(name, param, indices, mu, central)
     if error is not None:
         raise error
@@ -35,11 +30,11 @@ def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, ba
         original = flat[i].item()
         flat[i] = original + mu
         step_up = flat[i].item() - original
-        loss_up = _query(loss_fn, model, batch, guard, coordinate_query(name, i, "+"))
+        loss_up = scope.loss(loss_fn, batch, coordinate_query(name, i, "+"))
         if central:
             flat[i] = original - mu
             step_down = original - flat[i].item()
-            loss_down = _query(loss_fn, model, batch, guard, coordinate_query(name, i, "-"))
+            loss_down = scope.loss(loss_fn, batch, coordinate_query(name, i, "-"))
             estimate[i] = (loss_up - loss_down) / (step_up + step_down)
         else:
             estimate[i] = (loss_up - base_loss) / step_up
@@ -47,10 +42,10 @@ def _cge_one_parameter(name: str, param: torch.Tensor, indices: torch.Tensor, ba
     return estimate.view_as(param).to(param.dtype)
 
 
-def naive_parameter_estimator(model, batch, loss_fn, mu, central, guard, base_loss):
-    """A per-parameter naive estimator with the step's context bound (for engines that delegate some parameters)."""
+def naive_parameter_estimator(batch, loss_fn, mu, central, scope: QueryScope, base_loss):
+    """A per-parameter naive estimator with the step's scope bound (for engines that delegate some parameters)."""
     def estimate(name, param, indices):
-        return _cge_one_parameter(name, param, indices, base_loss, mu, central, loss_fn, model, batch, guard)
+        return _cge_one_parameter(name, param, indices, base_loss, mu, central, loss_fn, batch, scope)
     return estimate
 
 
@@ -68,8 +63,8 @@ def estimate_each_parameter(named_params, mask, estimate_one) -> tuple[dict[str,
     return estimates, n_coordinates
 
 
-def cge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, named_params, mask,
-                 scheme: str, guard: QueryGuard, base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
+def cge_estimate(batch: Any, loss_fn: LossFn, mu: float, named_params, mask, scheme: str, scope: QueryScope,
+                 base_loss: float) -> tuple[dict[str, torch.Tensor], int]:
     """Estimates for every trainable parameter (zero outside the mask) and the number of coordinates."""
-    naive = naive_parameter_estimator(model, batch, loss_fn, mu, scheme == "central", guard, base_loss)
+    naive = naive_parameter_estimator(batch, loss_fn, mu, scheme == "central", scope, base_loss)
     return estimate_each_parameter(named_params, mask, naive)

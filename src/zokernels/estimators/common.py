@@ -1,11 +1,10 @@
-"""What every estimator shares: argument checks, the default loss, loss evaluation with clear failures, and the
-guard that makes queries side-effect free."""
+"""What every estimator shares: the error contract, the default loss, loss evaluation with clear failures, and the
+checks of steps, masks and batches (plain argument checks: zokernels.checks; the query scope: estimators/scope.py)."""
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,7 +106,13 @@ def check_step_batch(batch: Any, custom_loss: bool) -> None:
 
 @dataclass
 class StepResult:
-    """What a step did. `loss` is the loss at the unperturbed parameters."""
+    """What a step did: the one result type of every verb (cge_step, rge_step, mezo_step, stacked_cge_step; the
+    zokernels.optim optimizers' `last_step` and ZOSVRG's result extend it).
+
+    `loss`: the loss at the unperturbed parameters (MeZO, which evaluates no base loss: (ℓ⁺ + ℓ⁻)/2 averaged over
+    directions, the loss at θ up to O(μ²)). `num_queries`: loss evaluations. `seed`: the Philox seed of random
+    directions (drawn when none was given). `projected_grads`: the scalar per random direction (MeZO, the
+    optimizers: g_j = (ℓ⁺ − ℓ⁻)/(2μ) or the estimator's own)."""
 
     loss: float
     num_queries: int
@@ -115,6 +120,7 @@ class StepResult:
     num_coordinates: int = 0
     seed: int | None = None
     engine: str = ""  # CGE: 'delta' (incremental engine) or 'naive' (one full evaluation per query)
+    projected_grads: list[float] = field(default_factory=list)
 
 
 def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -153,14 +159,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return params
 
 
-def check_mu(mu: float) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)):
-        raise TypeError(f"mu must be a positive float, got {type(mu).__name__}")
-    if not (math.isfinite(mu) and mu > 0):
-        raise ValueError(f"mu must be a finite float > 0, got {mu}")
-    return float(mu)
-
-
 def realized_step_error(name: str, param: torch.Tensor, indices: torch.Tensor, mu: float,
                         central: bool) -> ValueError | None:
     """The ValueError for a mu that moves no coordinate `indices` (flat) of `param` or overflows its dtype, else
@@ -196,12 +194,6 @@ def check_realized_steps(named: list[tuple[str, torch.Tensor]], mask: dict[str, 
         error = realized_step_error(name, param, indices, mu, scheme == "central")
         if error is not None:
             raise error
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 def check_mask(mask: dict[str, torch.Tensor] | None,
@@ -257,81 +249,3 @@ def finite_scalar(value: Any, source: str, query: str, restored: str = RESTORED)
     if not math.isfinite(value):
         raise nonfinite_error(source, value, query, restored)
     return value
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """TF32 would swamp loss differences of size ~mu; switch it off and restore the user's setting."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _rng_states(device: torch.device) -> tuple:
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda_state
-
-
-def _set_rng_states(states: tuple, device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
-class QueryGuard:
-    """Snapshots parameters and buffers; on exit (normal or not) writes them back bit-exactly, so queries never
-    leave parameters perturbed nor BN running statistics moved.
-
-    Randomness: every forward of a step (base and queries) starts from the same RNG state, so stochastic layers
-    such as dropout draw the same numbers in every query (common random numbers); afterwards the RNG is where
-    one plain forward would have left it."""
-
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
-        self.model = model
-        self.params = params
-        self.device = params[0].device if params else torch.device("cpu")
-
-    def __enter__(self) -> "QueryGuard":
-        self._param_backup = [p.detach().clone() for p in self.params]
-        self._buffer_backup = [(b, b.detach().clone()) for b in self.model.buffers()]
-        self._committed_buffers: list | None = None
-        self._rng_at_start = _rng_states(self.device)
-        self._rng_after_base: tuple | None = None
-        self._fp32 = strict_fp32()
-        self._fp32.__enter__()
-        return self
-
-    def restore_parameters(self) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, self._param_backup):
-                p.copy_(saved)
-
-    def keep_current_buffers(self) -> None:
-        """Makes the buffers' current values (e.g. after the base forward) the ones restored on a normal exit;
-        a failed step still restores the values from before the step, so it changes nothing."""
-        self._committed_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-
-    def restore_buffers(self, backup: list | None = None) -> None:
-        with torch.no_grad():
-            for b, saved in backup or self._committed_buffers or self._buffer_backup:
-                b.copy_(saved)
-
-    @contextlib.contextmanager
-    def same_randomness(self) -> Iterator[None]:
-        _set_rng_states(self._rng_at_start, self.device)
-        yield
-        if self._rng_after_base is None:
-            self._rng_after_base = _rng_states(self.device)
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        try:
-            self.restore_parameters()
-            self.restore_buffers(self._buffer_backup if exc_type is not None else None)
-            final_rng = self._rng_after_base if exc_type is None and self._rng_after_base else self._rng_at_start
-            _set_rng_states(final_rng, self.device)
-        finally:
-            self._fp32.__exit__(None, None, None)

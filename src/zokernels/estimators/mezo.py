@@ -23,26 +23,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import backends, philox
-from ..philox import _check_seed
-from .common import (RESTORED, LossFn, StepResult, check_choice, check_mu, check_step_batch, default_loss,
-                     direction_query, evaluate_loss, strict_fp32, trainable_parameters, write_grads)
+from ..checks import check_bool, check_choice, check_int, check_mu, check_nonneg
+from .common import (RESTORED, LossFn, StepResult, check_step_batch, default_loss, direction_query,
+                     trainable_parameters, write_grads)
+from .scope import QueryScope
 
 MODES = ("exact", "inplace")
 PRESET_FILTERS = ("all", "bias", "norm", "bias_norm")
 ParamFilter = Callable[[str, torch.nn.Parameter], bool]
-
-
-@dataclass
-class MeZOResult(StepResult):
-    """`loss` is (ℓ⁺ + ℓ⁻)/2 averaged over directions: the loss at θ up to O(μ²) (MeZO evaluates no base loss)."""
-
-    projected_grads: list[float] = field(default_factory=list)
 
 
 def _is_norm(model: torch.nn.Module) -> dict[str, bool]:
@@ -85,22 +78,6 @@ def select_parameters(model: torch.nn.Module, param_filter: str | ParamFilter | 
     return keep
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def check_lr(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return float(value)
-
-
 class Perturbation:
     """The selected parameters, their stream offsets and (exact mode) the two scratch copies θ⁺, θ⁻."""
 
@@ -139,42 +116,7 @@ INPLACE_RESTORED = ("parameters were restored up to rounding (mode='inplace'; mo
                     "bit-identically) and buffers exactly")
 
 
-class QueryContext:
-    """Common random numbers for all queries of a step (dropout draws the same masks), strict fp32, and buffers
-    (e.g. BN running statistics) restored after every query so queries have no side effects. `restored`: what a
-    failing query's error says was restored (the error contract of estimators/common.py)."""
-
-    def __init__(self, model: torch.nn.Module, generator_devices: list[torch.device], restored: str = RESTORED):
-        self.model = model
-        self.forward_seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.devices = [d for d in generator_devices if d.type == "cuda"]
-        self.restored = restored
-        self.evaluated = False  # no evaluation of this step has succeeded yet
-
-    def __enter__(self) -> "QueryContext":
-        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        self.fp32 = strict_fp32()
-        self.fp32.__enter__()
-        return self
-
-    def loss(self, loss_fn: LossFn, batch: Any, label: str) -> float:
-        try:
-            with torch.random.fork_rng(devices=self.devices):
-                torch.manual_seed(self.forward_seed)
-                value = evaluate_loss(loss_fn, self.model, batch, label, first=not self.evaluated,
-                                      restored=self.restored)
-                self.evaluated = True
-                return value
-        finally:
-            with torch.no_grad():
-                for b, saved in self.buffers:
-                    b.copy_(saved)
-
-    def __exit__(self, *exc: object) -> None:
-        self.fp32.__exit__(None, None, None)
-
-
-def central_difference_exact(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batches: list[Any],
+def central_difference_exact(ctx: QueryScope, pert: Perturbation, loss_fn: LossFn, batches: list[Any],
                              center: list[torch.Tensor], seed: int, stream: int, mu: float,
                              where: str = "", signs: str = "+-") -> tuple[float, ...]:
     """Mean losses over `batches` at center ± μz(seed, stream), one per sign in `signs` ('+-' both, in that order;
@@ -198,7 +140,7 @@ def all_queries(q: int) -> list[Query]:
     return [(j, sign) for j in range(q) for sign in "+-"]
 
 
-def exact_query_losses(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, mu: float,
+def exact_query_losses(ctx: QueryScope, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, mu: float,
                        queries: list[Query]) -> list[float]:
     """The losses of `queries` (a run of all_queries(q), in its order) on `batch`, exact mode: θ is never written.
     mezo_step evaluates all of them; a perturbation-parallel rank (zokernels.distributed) a contiguous block."""
@@ -219,7 +161,7 @@ def projected_grads(pairs: list[tuple[float, float]], mu: float) -> list[float]:
     return [(plus - minus) / (2.0 * mu) for plus, minus in pairs]
 
 
-def _inplace_directions(ctx: QueryContext, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, q: int,
+def _inplace_directions(ctx: QueryScope, pert: Perturbation, loss_fn: LossFn, batch: Any, seed: int, q: int,
                         mu: float) -> list[tuple[float, float]]:
     """θ += μz_j; ℓ⁺; θ −= 2μz_j; ℓ⁻ for each j, leaving θ at θ − μz_{q−1} (+ rounding): the caller's final sweep
     restores and updates. The restore of z_j shares the sweep that perturbs along z_{j+1}."""
@@ -246,10 +188,9 @@ def mezo_update_terms(grads: list[float], lr: float) -> list[tuple[int, float]]:
     return [(j, -lr * g / q) for j, g in enumerate(grads)]
 
 
-def _check_update_args(update: bool, accumulate: bool, mode: str) -> None:
-    for name, value in (("update", update), ("accumulate", accumulate)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+def check_update_args(update: bool, accumulate: bool, mode: str) -> None:
+    check_bool("update", update)
+    check_bool("accumulate", accumulate)
     if not update and mode != "exact":
         raise ValueError("update=False writes .grad and leaves the parameters bit-identical, which needs "
                          "mode='exact' (mode='inplace' restores them only up to rounding)")
@@ -268,10 +209,10 @@ def spsa_estimate(pert: Perturbation, seed: int, grads: list[float]) -> list[tor
     return estimates
 
 
-def _check_step_args(mu: float, lr: float, q: int, mode: str, seed: int | None) -> tuple[float, float, int, int]:
-    mu, lr, q = check_mu(mu), check_lr("lr", lr), check_positive_int("q", q)
+def check_step_args(mu: float, lr: float, q: int, mode: str, seed: int | None) -> tuple[float, float, int, int]:
+    mu, lr, q = check_mu(mu), check_nonneg("lr", lr), check_int("q", q)
     check_choice("mode", mode, MODES)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
+    seed = philox.step_seed(seed)
     return mu, lr, q, seed
 
 
@@ -279,7 +220,7 @@ def _check_step_args(mu: float, lr: float, q: int, mode: str, seed: int | None) 
 def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
               lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: str | ParamFilter | None = None,
               *, mode: str = "exact", update: bool = True, accumulate: bool = False,
-              backend: str | None = None) -> MeZOResult:
+              backend: str | None = None) -> StepResult:
     """One MeZO step: for each direction j < q, g_j = (ℓ(θ + μz_j) − ℓ(θ − μz_j)) / (2μ) on `batch`, then
     θ ← θ − (lr/q) Σ_j g_j z_j, z_j = z(seed, j) regenerated by the Philox sweeps (never stored).
 
@@ -296,12 +237,12 @@ def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None,
     """
     check_step_batch(batch, custom_loss=loss_fn is not None)
     loss_fn = loss_fn or default_loss
-    mu, lr, q, seed = _check_step_args(mu, lr, q, mode, seed)
-    _check_update_args(update, accumulate, mode)
+    mu, lr, q, seed = check_step_args(mu, lr, q, mode, seed)
+    check_update_args(update, accumulate, mode)
     named = select_parameters(model, param_filter)
     pert = Perturbation(model, named, backend, scratch=mode == "exact")
     restored = RESTORED if mode == "exact" else INPLACE_RESTORED
-    with QueryContext(model, [pert.params[0].device], restored) as ctx:
+    with QueryScope(model, restored=restored) as ctx:
         if mode == "exact":
             pairs = pair_losses(exact_query_losses(ctx, pert, loss_fn, batch, seed, mu, all_queries(q)))
             grads = projected_grads(pairs, mu)
@@ -316,7 +257,7 @@ def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None,
 
 
 def finish_step(pert: Perturbation, seed: int, pairs: list[tuple[float, float]], grads: list[float],
-                terms: list[tuple[int, float]], update: bool, accumulate: bool) -> MeZOResult:
+                terms: list[tuple[int, float]], update: bool, accumulate: bool) -> StepResult:
     """After the queries: the update sweep `terms` (update=True) or ĝ into `.grad` (update=False), and the result.
     Every process that holds the same pairs, grads and terms writes the same bits."""
     if not update:
@@ -325,4 +266,4 @@ def finish_step(pert: Perturbation, seed: int, pairs: list[tuple[float, float]],
         pert.sweep(seed, terms)
     q = len(pairs)
     loss = sum((a + b) / 2.0 for a, b in pairs) / q
-    return MeZOResult(loss=loss, num_queries=2 * q, backend=pert.backend, seed=seed, projected_grads=grads)
+    return StepResult(loss=loss, num_queries=2 * q, backend=pert.backend, seed=seed, projected_grads=grads)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .. import philox
-from .common import LossFn, QueryGuard, direction_query, evaluate_loss
+from .common import LossFn, direction_query
+from .scope import QueryScope
 
 DISTRIBUTIONS = ("gaussian", "sphere", "per_tensor_unit")
 
@@ -31,8 +32,8 @@ def estimator_weight(dist: str, mu: float, dimension: int) -> float:
     return {"gaussian": 1.0 / mu, "sphere": dimension / mu, "per_tensor_unit": 1.0}[dist]
 
 
-def rge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float, q: int, dist: str, seed: int,
-                 params: list[torch.Tensor], guard: QueryGuard, base_loss: float,
+def rge_estimate(batch: Any, loss_fn: LossFn, mu: float, q: int, dist: str, seed: int,
+                 params: list[torch.Tensor], scope: QueryScope, base_loss: float,
                  backend: str | None) -> list[torch.Tensor]:
     offsets = philox.stream_offsets(params)
     dimension = sum(p.numel() for p in params)
@@ -42,9 +43,8 @@ def rge_estimate(model: torch.nn.Module, batch: Any, loss_fn: LossFn, mu: float,
         scales = direction_scales(params, offsets, seed, j, dist, backend)
         with torch.no_grad():
             philox.add_normal_combination_(params, offsets, seed, [(j, mu)], scales, backend)
-        with guard.same_randomness():
-            loss = evaluate_loss(loss_fn, model, batch, direction_query(j, seed))
-        guard.restore_parameters()
+        loss = scope.loss(loss_fn, batch, direction_query(j, seed))
+        scope.restore_parameters()
         terms.append((j, weight * (loss - base_loss) / q))
         all_scales.append(scales)
     estimates = [torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,

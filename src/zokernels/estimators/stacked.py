@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from .cge import coordinate_indices
-from .common import (StepResult, check_mask, check_mu, check_realized_steps, nonfinite_error, note_query_failure,
+from ..checks import check_int, check_mu
+from .common import (StepResult, check_mask, check_realized_steps, nonfinite_error, note_query_failure,
                      trainable_parameters, write_grads)
 
 StackedLoss = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -27,13 +28,6 @@ def _selected(named: list[tuple[str, torch.nn.Parameter]],
     """(parameter position, flat index) of every selected coordinate, in the order cge_step uses."""
     return [(k, i) for k, (name, p) in enumerate(named) if mask is None or name in mask
             for i in coordinate_indices(p, None if mask is None else mask[name]).tolist()]
-
-
-def _check_max_queries(max_queries: int) -> int:
-    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 2:
-        raise ValueError(f"max_queries must be an int >= 2 (the base point and at least one coordinate per call), "
-                         f"got {max_queries!r}")
-    return max_queries
 
 
 def _chunk_losses(stacked_loss: StackedLoss, stacked: list[torch.Tensor], queries: int, what: str) -> torch.Tensor:
@@ -63,7 +57,7 @@ def stacked_cge_step(model: torch.nn.Module, stacked_loss: StackedLoss, mu: floa
     call's composition stays consistent within a chunk. Steps are the ones realized in the parameter's dtype,
     h = fl(θ + μ) − θ, as cge_step divides by them. Returns the base loss of the last call."""
     named = trainable_parameters(model)
-    mu, mask, max_queries = check_mu(mu), check_mask(mask, named), _check_max_queries(max_queries)
+    mu, mask, max_queries = check_mu(mu), check_mask(mask, named), check_int("max_queries", max_queries, 2)  # the base point + one coordinate
     check_realized_steps(named, mask, mu, "forward")
     coords = _selected(named, mask)
     if not coords:

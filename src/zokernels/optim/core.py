@@ -11,9 +11,10 @@ A step t of an optimizer with seed S:
    tensor's direction never depends on which tensors are active. The basis vector b_j is z (gaussian), sign(z)
    with sign(±0) = +1 (rademacher, FZOO) or fl32(z·s) with s = fl32(1/fl32(√H)) (HiZOO). Nothing is stored: every
    use regenerates z from (S, stream) through the existing sweeps in zokernels.philox.
-3. **Queries**: the closure is called at query points θ_j = RN_dtype(θ + fl32(fl32(c)·b_j)) written *in place* into
-   the parameters from a restore copy of the active tensors (the sweep philox.normal_combination_into for the
-   gaussian basis, the same rounding per tensor otherwise). Every call sees the same torch RNG state (common random
+3. **Queries** (ClosureScope, the query scope of estimators/scope.py): the closure is called at query points
+   θ_j = RN_dtype(θ + fl32(fl32(c)·b_j)) written *in place* into the parameters from a restore copy of the active
+   tensors (the sweep philox.normal_combination_into for the gaussian basis, the same rounding per tensor
+   otherwise). Every call sees the same torch RNG state (common random
    numbers: dropout draws the same masks), TF32 is off, and afterwards the RNG is where one closure call would have
    left it. If the closure raises or returns NaN/inf, the parameters are copied back from the restore copy and the
    RNG reset before the error propagates (error contract of zokernels.estimators.common): parameters, optimizer
@@ -40,8 +41,9 @@ import numpy as np
 import torch
 
 from .. import backends, philox
-from ..estimators.common import BASE_QUERY, check_mu, direction_query, evaluate_loss, strict_fp32
-from ..philox import _check_seed
+from ..checks import check_int, check_mu, check_nonneg
+from ..estimators.common import BASE_QUERY, StepResult, direction_query
+from ..estimators.scope import QueryScope
 
 STREAM_BITS = 20
 MAX_DIRECTIONS = (1 << STREAM_BITS) - 2
@@ -76,31 +78,6 @@ def add_rounded(base: torch.Tensor, delta32: torch.Tensor) -> torch.Tensor:
     return (base.float() + delta32).to(base.dtype)
 
 
-# ---- checks -----------------------------------------------------------------------------------------------------
-def check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return float(value)
-
-
-def check_unit(name: str, value: float, closed_low: bool = True) -> float:
-    """A float in [0, 1) (or (0, 1) with closed_low=False)."""
-    check_nonneg(name, value)
-    if not (value < 1 and (closed_low or value > 0)):
-        raise ValueError(f"{name} must be in {'[0' if closed_low else '(0'}, 1), got {value}")
-    return float(value)
-
-
-def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}), got {value}")
-    return int(value)
-
-
 # ---- queries ----------------------------------------------------------------------------------------------------
 class _ClosureLoss:
     """The closure seen as a loss_fn(model, batch) for estimators.common.evaluate_loss."""
@@ -115,50 +92,23 @@ class _ClosureLoss:
         return self.closure()
 
 
-class Queries:
-    """Closure calls of one step: same RNG state for every call, TF32 off, errors per the common contract."""
+class ClosureScope(QueryScope):
+    """The query scope of an optimizer step over the closure (no model: the closure owns it); the active tensors
+    are its snapshot (`backup`), restored if the step fails."""
 
-    def __init__(self, closure: Callable[[], Any], device: torch.device):
+    def __init__(self, closure: Callable[[], Any], active: list[torch.Tensor], device: torch.device):
         if closure is None or not callable(closure):
             raise TypeError("step(closure) needs a closure that returns the loss at the current parameters "
                             f"(zeroth-order optimizers only evaluate losses), got {type(closure).__name__}")
+        super().__init__(None, active, restored=RESTORED, device=device)
         self.loss_fn = _ClosureLoss(closure)
-        self.device = device
-        self.losses: list[float] = []
 
-    def _rng(self) -> tuple:
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-
-    def _set_rng(self, states: tuple) -> None:
-        torch.set_rng_state(states[0])
-        if states[1] is not None:
-            torch.cuda.set_rng_state(states[1], self.device)
-
-    def __enter__(self) -> "Queries":
-        self.start = self._rng()
-        self.after_first: tuple | None = None
-        self.fp32 = strict_fp32()
-        self.fp32.__enter__()
-        return self
-
-    def loss(self, query: str, closure: Callable[[], Any] | None = None) -> float:
+    def closure_loss(self, query: str, closure: Callable[[], Any] | None = None) -> float:
         """The closure's loss (or `closure`'s: ZOSVRG's full-batch chunks) at the current parameters."""
-        self._set_rng(self.start)
         loss_fn = self.loss_fn if closure is None else _ClosureLoss(closure)
         with torch.no_grad():
             # the batch a closure declares (zokernels.ZOSVRG binds one) names it when it does not fit the model
-            batch = getattr(loss_fn.closure, "batch", None)
-            value = evaluate_loss(loss_fn, None, batch, query, first=not self.losses, restored=RESTORED)
-        if self.after_first is None:
-            self.after_first = self._rng()
-        self.losses.append(value)
-        return value
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        try:
-            self._set_rng(self.after_first if exc_type is None and self.after_first is not None else self.start)
-        finally:
-            self.fp32.__exit__(None, None, None)
+            return self.loss(loss_fn, getattr(loss_fn.closure, "batch", None), query)
 
 
 # ---- directions -------------------------------------------------------------------------------------------------
@@ -223,17 +173,13 @@ class Directions:
 
 # ---- estimate ---------------------------------------------------------------------------------------------------
 @dataclass
-class StepInfo:
-    """What the last step did. `loss`: ℓ(θ) when the estimator evaluates it (forward, fzoo, hizoo, conservative),
-    else the mean of (ℓ⁺ + ℓ⁻)/2 (central). `projected_grads`: g_j (central/forward/hizoo) or ℓ_j − ℓ_0 (fzoo);
-    `coefficients`: c_j with ĝ = Σ_j c_j b_j. `forwards`: closure calls. `accepted`: False when ZOConservative
-    rejected the step (parameters unchanged)."""
+class StepInfo(StepResult):
+    """What the last step did (a StepResult). `loss`: ℓ(θ) when the estimator evaluates it (forward, fzoo, hizoo,
+    conservative), else the mean of (ℓ⁺ + ℓ⁻)/2 (central). `projected_grads`: g_j (central/forward/hizoo) or
+    ℓ_j − ℓ_0 (fzoo); `coefficients`: c_j with ĝ = Σ_j c_j b_j. `num_queries` (also `forwards`): closure calls.
+    `accepted`: False when ZOConservative rejected the step (parameters unchanged)."""
 
-    loss: float
-    forwards: int
-    step: int
-    seed: int
-    projected_grads: list[float] = field(default_factory=list)
+    step: int = 0
     coefficients: list[float] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -241,6 +187,10 @@ class StepInfo:
     sigma: float | None = None  # FZOO: std of the N perturbed losses
     curvature: list[float] = field(default_factory=list)  # HiZOO: |ℓ⁺ + ℓ⁻ − 2ℓ_0|/(2μ²) per direction
     candidate_loss: float | None = None  # ZOConservative: ℓ(θ_new)
+
+    @property
+    def forwards(self) -> int:
+        return self.num_queries
 
 
 @dataclass
@@ -266,7 +216,7 @@ def _clip(g: float, clip: float | None) -> float:
     return g if clip is None else min(max(g, -clip), clip)
 
 
-def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active: list[int],
+def run_estimator(opt: "ZOOptimizer", queries: ClosureScope, dirs: Directions, active: list[int],
                   backup: list[torch.Tensor], info: StepInfo) -> Estimate:
     """The closure calls of one step and the scalars they give (see each estimator in ZOOptimizer's docstring)."""
     mu, q, kind, clip, seed = opt.mu, opt.q, opt.estimator, opt.clip, opt.seed
@@ -275,12 +225,12 @@ def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active
     def two_sided(j: int) -> tuple[float, float]:
         """The losses at θ + μu_j and θ − μu_j (central and HiZOO share these queries)."""
         dirs.write_points(active, backup, j, mu)
-        plus = queries.loss(direction_query(j, seed, "+", f" (step {info.step})"))
+        plus = queries.closure_loss(direction_query(j, seed, "+", f" (step {info.step})"))
         dirs.write_points(active, backup, j, -mu)
-        return plus, queries.loss(direction_query(j, seed, "-", f" (step {info.step})"))
+        return plus, queries.closure_loss(direction_query(j, seed, "-", f" (step {info.step})"))
 
     if opt.needs_base and kind == "central":
-        info.loss = queries.loss(BASE_QUERY)
+        info.loss = queries.closure_loss(BASE_QUERY)
     if kind == "central":
         means = []
         for j in range(q):
@@ -291,12 +241,12 @@ def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active
             info.loss = sum(means) / q
         coeffs = [_clip(g, clip) / q for g in grads]
     elif kind in ("forward", "fzoo"):
-        base = queries.loss(BASE_QUERY)
+        base = queries.closure_loss(BASE_QUERY)
         info.loss = base
         perturbed = []
         for j in range(q):
             dirs.write_points(active, backup, j, mu)
-            perturbed.append(queries.loss(direction_query(j, seed, "+", f" (step {info.step})")))
+            perturbed.append(queries.closure_loss(direction_query(j, seed, "+", f" (step {info.step})")))
         if kind == "forward":
             grads = [(lj - base) / mu for lj in perturbed]
             coeffs = [_clip(g, clip) / q for g in grads]
@@ -306,7 +256,7 @@ def run_estimator(opt: "ZOOptimizer", queries: Queries, dirs: Directions, active
             info.sigma = sigma
             coeffs = [d / (q * sigma) if sigma > 0 else 0.0 for d in grads]
     elif kind == "hizoo":
-        base = queries.loss(BASE_QUERY)
+        base = queries.closure_loss(BASE_QUERY)
         info.loss = base
         curvature = []
         for j in range(q):
@@ -370,7 +320,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.q = check_int("q", q, 1, MAX_DIRECTIONS)
         self.estimator = estimator
         self.clip = None if clip is None else check_nonneg("clip", clip)
-        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _check_seed("seed", seed)
+        self.seed = philox.step_seed(seed)
         self.t = 0
         self.last_step: StepInfo | None = None
         params_ = self._params()
@@ -428,7 +378,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _directions(self, params: list[torch.Tensor], offsets: list[int], t: int) -> Directions:
         return Directions(params, offsets, self.seed, t, self.backend, self.basis)
 
-    def _estimate(self, queries: Queries, dirs: Directions, active: list[int], backup: list[torch.Tensor],
+    def _estimate(self, queries: ClosureScope, dirs: Directions, active: list[int], backup: list[torch.Tensor],
                   info: StepInfo) -> Estimate:
         """The step's closure calls and the estimate they give (ZOSVRG: anchor and control-variate queries)."""
         return run_estimator(self, queries, dirs, active, backup, info)
@@ -444,7 +394,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _commit_estimator(self, pending: dict[str, Any]) -> None:
         pass
 
-    def _accept(self, queries: Queries, info: StepInfo, active: list[int], backup: list[torch.Tensor]) -> bool:
+    def _accept(self, queries: ClosureScope, info: StepInfo, active: list[int], backup: list[torch.Tensor]) -> bool:
         """ZOConservative: evaluates the updated parameters; False restores them."""
         return True
 
@@ -457,28 +407,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One step; `closure()` must return the loss at the current parameters (it is called under no_grad, q + 1
         to 2q + 2 times, always on the same batch). Returns the loss (see StepInfo.loss); details in `last_step`."""
         params = self._params()
-        queries = Queries(closure, params[0].device)
         t = self.t
-        offsets = philox.stream_offsets(params)
         layer_ids = self.active_layers(t)
         layers = self._layers()
         active = sorted(i for k in layer_ids for i in layers[k])
-        backup = [params[i].detach().clone() for i in active]
-        dirs = self._directions(params, offsets, t)
-        info = StepInfo(loss=float("nan"), forwards=0, step=t, seed=self.seed, layers=layer_ids)
+        queries = ClosureScope(closure, [params[i] for i in active], params[0].device)
+        dirs = self._directions(params, philox.stream_offsets(params), t)
+        info = StepInfo(loss=float("nan"), num_queries=0, backend=self.backend, seed=self.seed, step=t, layers=layer_ids)
         try:
-            with queries:
+            with queries:  # a failure anywhere inside restores the active tensors from `backup`
+                backup = queries.snapshot
                 est = self._estimate(queries, dirs, active, backup, info)
                 pending_estimator = self._prepare_update(est, info)
                 pending_rule = self.rule.prepare(self, est, info)
                 self._write_update(est, backup, pending_rule)
+                queries.commit_parameters()
                 info.accepted = self._accept(queries, info, active, backup)
-        except BaseException:
-            for i, b in zip(active, backup):
-                params[i].copy_(b)
-            raise
         finally:
-            info.forwards, info.losses = len(queries.losses), list(queries.losses)
+            info.num_queries, info.losses = len(queries.losses), list(queries.losses)
         if info.accepted:
             self._commit_estimator(pending_estimator)
             self.rule.commit(self, est, pending_rule)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..estimators.common import (LossFn, StepResult, check_mu, check_step_batch, default_loss, direction_query,
-                                 loss_source)
-from ..estimators.mezo import ParamFilter, check_lr, check_positive_int, select_parameters
+from ..estimators.common import LossFn, StepResult, check_step_batch, default_loss, direction_query, loss_source
+from ..checks import check_int, check_mu, check_nonneg
+from ..estimators.mezo import ParamFilter, select_parameters
 from .svrg import ZOSVRG as _CoreSVRG
 
 
@@ -85,10 +85,10 @@ class ZOSVRG:
         self.loss_fn = loss_fn or default_loss
         params = [p for _, p in select_parameters(model, param_filter)]
         self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.optimizer = _LegacyNames(params, lr=check_lr("lr", lr), mu=check_mu(mu),
+        self.optimizer = _LegacyNames(params, lr=check_nonneg("lr", lr), mu=check_mu(mu),
                                       full_batch=[_BoundLoss(self, b) for b in anchor_batches],
-                                      anchor_every=check_positive_int("q", q),
-                                      lr_anchor=check_lr("lr_anchor", lr_anchor), seed=seed, backend=backend)
+                                      anchor_every=check_int("q", q),
+                                      lr_anchor=check_nonneg("lr_anchor", lr_anchor), seed=seed, backend=backend)
 
     # the hyperparameters and state, read from (and written to) the optim core
     q = property(lambda self: self.optimizer.anchor_every)
@@ -104,7 +104,7 @@ class ZOSVRG:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.optimizer.param_groups[0]["lr"] = check_lr("lr", value)
+        self.optimizer.param_groups[0]["lr"] = check_nonneg("lr", value)
 
     @property
     def lr_anchor(self) -> float:
@@ -112,7 +112,7 @@ class ZOSVRG:
 
     @lr_anchor.setter
     def lr_anchor(self, value: float) -> None:
-        self.optimizer.param_groups[0]["lr_anchor"] = check_lr("lr_anchor", value)
+        self.optimizer.param_groups[0]["lr_anchor"] = check_nonneg("lr_anchor", value)
 
     @torch.no_grad()
     def step(self, batch: Any) -> SVRGResult:

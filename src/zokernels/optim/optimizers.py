@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .core import Directions, Estimate, Queries, StepInfo, ZOOptimizer, check_int, check_unit, f32
+from ..checks import check_int, check_unit
+from .core import ClosureScope, Directions, Estimate, StepInfo, ZOOptimizer, f32
 from .rules import AdamRule, SGDRule, SignRule
 
 __all__ = ["ZOSGD", "ZOAdam", "ZOSignSGD", "ZOConservative", "FZOO", "HiZOO", "LeZO"]
@@ -113,8 +114,8 @@ class ZOConservative(ZOOptimizer):
         if group.get("momentum", 0.0) != 0.0:
             raise ValueError("ZOConservative takes no momentum: a rejected step would have to restore the buffer")
 
-    def _accept(self, queries: Queries, info: StepInfo, active: list[int], backup: list[torch.Tensor]) -> bool:
-        info.candidate_loss = queries.loss(f"the candidate update of step {info.step} (ZO-conservative)")
+    def _accept(self, queries: ClosureScope, info: StepInfo, active: list[int], backup: list[torch.Tensor]) -> bool:
+        info.candidate_loss = queries.closure_loss(f"the candidate update of step {info.step} (ZO-conservative)")
         return info.candidate_loss <= info.loss
 
 

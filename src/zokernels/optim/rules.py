@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Estimate, StepInfo, check_int, check_unit, f32
+from ..checks import check_int, check_unit
+from .core import Estimate, StepInfo, f32
 
 if TYPE_CHECKING:
     from .core import ZOOptimizer

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int, check_nonneg
 from ..estimators.common import direction_query
-from .core import Directions, Estimate, Queries, StepInfo, ZOOptimizer, check_int, check_nonneg
+from .core import ClosureScope, Directions, Estimate, StepInfo, ZOOptimizer
 from .rules import SGDRule
 
 FullBatch = Callable[[], Any] | Sequence[Callable[[], Any]]
@@ -103,19 +104,19 @@ class ZOSVRG(ZOOptimizer):
     def _update_lr(self, group: dict[str, Any]) -> float:
         return group["lr_anchor"] if self.is_anchor_step(self.t) else group["lr"]
 
-    def _pair(self, queries: Queries, dirs: Directions, active: list[int], center: list[torch.Tensor], j: int,
+    def _pair(self, queries: ClosureScope, dirs: Directions, active: list[int], center: list[torch.Tensor], j: int,
               closures: list[Callable[[], Any]], where: str) -> tuple[float, float]:
         """Mean losses over `closures` at center ± μz_j (written in place into the parameters)."""
         out = []
         for sign, coeff in (("+", self.mu), ("-", -self.mu)):
             dirs.write_points(active, center, j, coeff)
             chunk = (lambda k: f", batch {k} of {len(closures)}") if len(closures) > 1 else (lambda k: "")
-            values = [queries.loss(self.query_name(j, sign, dirs.t, where + chunk(k)), c)
+            values = [queries.closure_loss(self.query_name(j, sign, dirs.t, where + chunk(k)), c)
                       for k, c in enumerate(closures)]
             out.append(sum(values) / len(values))
         return out[0], out[1]
 
-    def _estimate(self, queries: Queries, dirs: Directions, active: list[int], backup: list[torch.Tensor],
+    def _estimate(self, queries: ClosureScope, dirs: Directions, active: list[int], backup: list[torch.Tensor],
                   info: StepInfo) -> Estimate:
         q, mu = self.q, self.mu
         # every tensor is active (no layer sampling): backup[i] is θ_t of tensor i, read by _prepare_update (after a

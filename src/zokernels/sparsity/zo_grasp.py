@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import philox
-from ..estimators.common import LossFn, QueryGuard, check_choice, check_mu, default_loss, evaluate_loss
+from ..checks import check_choice, check_int, check_mu, check_seed
+from ..estimators.common import LossFn, default_loss
 from ..estimators.rge import rge_estimate
+from ..estimators.scope import QueryScope
 
 DIRECTION_CONVENTIONS = ("gaussian", "per_tensor_unit")
 
@@ -67,13 +68,10 @@ def class_balanced_probe(x: torch.Tensor, y: torch.Tensor, per_class: int = 25,
 
 
 def _rge_at_current(model, batch, loss_fn, mu, q, dist, seed, params, what) -> list[torch.Tensor]:
-    """RGE at the parameters' current values; queries are undone by copy-back (QueryGuard)."""
-    guard = QueryGuard(model, params)
-    with guard:
-        with guard.same_randomness():
-            base = evaluate_loss(loss_fn, model, batch, f"the base evaluation of {what}")
-        guard.restore_buffers()
-        return rge_estimate(model, batch, loss_fn, mu, q, dist, seed, params, guard, base, None)
+    """RGE at the parameters' current values; queries are undone by copy-back (QueryScope)."""
+    with QueryScope(model, params) as scope:
+        base = scope.loss(loss_fn, batch, f"the base evaluation of {what}")
+        return rge_estimate(batch, loss_fn, mu, q, dist, seed, params, scope, base, None)
 
 
 @torch.no_grad()
@@ -84,14 +82,12 @@ def zo_hessian_gradient_product(model: nn.Module, batch: Any, loss_fn: LossFn | 
     loss_fn = loss_fn or default_loss
     mu = check_mu(mu)
     check_choice("dist", dist, DIRECTION_CONVENTIONS)
-    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-        raise ValueError(f"q must be an int >= 1 (number of random directions), got {q!r}")
-    seed = philox._check_seed("seed", seed)
+    q = check_int("q", q)
+    seed = check_seed("seed", seed)
     named = prunable_parameters(model)
     params = [p for _, p in named]
     # The outer guard restores the unshifted θ and the BN running statistics whatever happens in between.
-    outer = QueryGuard(model, params)
-    with outer:
+    with QueryScope(model, params):
         g0 = _rge_at_current(model, batch, loss_fn, mu, q, dist, seed, params, "ĝ(θ)")
         for p, g in zip(params, g0):
             p.add_(g, alpha=mu)
