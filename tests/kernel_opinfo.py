@@ -38,9 +38,12 @@ from zokernels.experimental import masked_sgd
 from zokernels.kernels.dispatch import choose_backend
 from zokernels.kernels.first_layer import BatchNormSpec, coords_from_flat, first_layer_delta
 from zokernels.kernels.mixing import one_channel_conv2d, one_channel_linear
+from zokernels.kernels.rule_sweep import RuleSpec
+from zokernels.philox import rule_sweep_
 from zokernels.reference.engine_ref import batchnorm_delta_ref, batchnorm_replicas_ref, residual_relu_delta_ref
 from zokernels.reference.kernels_ref import (first_layer_delta_ref, masked_gradients_ref, masked_sgd_ref,
-                                             one_channel_conv2d_ref, one_channel_linear_ref, seed_delta_ref)
+                                             one_channel_conv2d_ref, one_channel_linear_ref, rule_sweep_ref,
+                                             seed_delta_ref)
 from zokernels.reference.philox_ref import philox_normal_ref, philox_uint32_ref
 
 try:  # the fused CPU BN kernels' public home is kernels/batchnorm.py; before that move, engine/fused.py held them
@@ -390,6 +393,65 @@ def combination_into_reference(s: Sample):
     return [p for p, _ in pairs] + [m for _, m in pairs]
 
 
+# ---- the fused rule sweep (zokernels.philox.rule_sweep_, kernels/rule_sweep.py) ------------------------------
+def _rule_scalars(rule: str, g) -> tuple[float, ...]:
+    """Fresh scalars of a rule (HYPER order): lr ~ 0.01–0.1; Adam with fresh β1, β2 and a step count k ≤ 5."""
+    r = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=g))  # noqa: E731
+    lr = r(0.01, 0.1)
+    if rule == "sign":
+        return (-lr,)
+    if rule == "adam":
+        beta1, beta2, k = r(0.5, 0.99), r(0.9, 0.9999), int(torch.randint(1, 6, (1,), generator=g))
+        return (beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2 ** k) ** 0.5, 1e-8, -lr / (1 - beta1 ** k))
+    return ()
+
+
+def rule_sweep_samples(dtype, g) -> list[Sample]:
+    """Every rule on the sweep geometries (sizes around the tiles, offsets mod 4, the 2^32 block carry), each tensor
+    with or without weight decay (fresh); Adam with fresh moments. Also no terms at all (g = 0: sign(0) = 0, Adam
+    decays its moments) and linear without weight decay (the perturbation sweep it delegates to)."""
+    out = []
+    for rule in ("linear", "sign", "adam"):
+        for sizes, shift, n_terms in [([1, 2047, 2048, 2049, 97], 3, 3), ([1023, 1025, 5], 2**34 - 1500, 1),
+                                      ([int(torch.randint(1, 3000, (1,), generator=g))],
+                                       int(torch.randint(0, 2**40, (1,), generator=g)), 2), ([7, 300], 1, 0)]:
+            sources = [(torch.randn(n, generator=g, dtype=F64) * 3).to(dtype) for n in sizes]
+            offsets = [o + shift for o in philox.stream_offsets(sources)]
+            seed, terms = _philox_terms(g)
+            terms = terms[:n_terms]
+            decays = [None if bool(torch.rand(1, generator=g) < 0.4) else -float(torch.rand(1, generator=g)) * 0.01
+                      for _ in sizes]
+            state = [(torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01) if rule == "adam"
+                     else () for n in sizes]
+            kwargs = dict(rule=rule, hyper=[_rule_scalars(rule, g) for _ in sizes], decay=decays, state=state)
+            out.append(Sample((sources, offsets, seed, terms), kwargs,
+                              f"{rule}: sizes {sizes} offsets {offsets} seed {seed} terms {terms} decay {decays}"))
+        if rule == "linear":
+            sources = [(torch.randn(n, generator=g, dtype=F64) * 3).to(dtype) for n in (5, 2049)]
+            seed, terms = _philox_terms(g)
+            out.append(Sample((sources, [1, 6], seed, terms), dict(rule=rule, hyper=[(), ()], decay=[None, None],
+                                                                 state=[(), ()]), "linear without weight decay"))
+    return out
+
+
+def call_rule_sweep(s: Sample, backend: str):
+    sources, offsets, seed, terms = s.args
+    kw = s.kwargs
+    state = [tuple(t.clone() for t in st) for st in kw["state"]]
+    specs = [RuleSpec(kw["rule"], h, d, st) for h, d, st in zip(kw["hyper"], kw["decay"], state)]
+    out = [torch.empty_like(t) for t in sources]
+    rule_sweep_(out, sources, offsets, seed, terms, specs, backend=backend)
+    return out + [t for st in state for t in st]
+
+
+def rule_sweep_reference(s: Sample):
+    sources, offsets, seed, terms = s.args
+    kw = s.kwargs
+    results = [rule_sweep_ref(x, o, seed, terms, kw["rule"], h, d, st)
+               for x, o, h, d, st in zip(sources, offsets, kw["hyper"], kw["decay"], kw["state"])]
+    return [x for x, _ in results] + [t for _, st in results for t in st]
+
+
 PHILOX_DRAWS = [(20_003, 99, 3, 5), (20_003, 2**64 - 1, 2**64 - 1, 2**40 + 1),
                 (20_003, 7, 0, 2**34 - 301)]  # the last crosses the 2^32 carry of the block counter's low word
 
@@ -635,6 +697,9 @@ OPS: list[OpInfo] = [
     OpInfo("philox.normal_combination_into", call_combination_into, combination_into_reference,
            philox_sweep_samples, SWEEP_DTYPES, ALL_BACKENDS, (philox.normal_combination_into,), comparison="bitwise",
            inputs_kept=lambda s: list(s.args[0])),
+    OpInfo("rule_sweep_", call_rule_sweep, rule_sweep_reference, rule_sweep_samples, SWEEP_DTYPES, ALL_BACKENDS,
+           (rule_sweep_,), comparison="bitwise", inputs_kept=lambda s: list(s.args[0]) + [
+               t for st in s.kwargs["state"] for t in st]),
     # the generators' backends: cpu (_C) and torch; triton and cuda generate only inside the sweeps
     OpInfo("philox.philox_normal", lambda s, backend: philox.philox_normal(*s.args, backend=backend),
            lambda s: torch.from_numpy(philox_normal_ref(*s.args)), philox_draw_samples, (F32,), ("torch", "cpu"),
@@ -661,6 +726,7 @@ OPS: list[OpInfo] = [
 NOT_OPS = {
     "normal_sumsq": "a host float (Σ z²), checked against the cpu backend in tests/test_philox_torch.py",
     "device_sweep": "the GPU launcher behind the two sweeps (block edges: tests/test_philox_triton.py)",
+    "device_rule_sweep": "the GPU launcher behind philox.rule_sweep_ (its row runs it on triton and cuda)",
     "fused_backend": "the cpu/torch decision of the fused BN kernels (dispatch)",
     "channels_last_rows": "layout test of the fused BN kernels (engine/fused.py)",
     "fused_available": "layout and backend test of the fused BN kernels (engine/fused.py)",

@@ -291,6 +291,12 @@ double philox_normal_sumsq_cpu(int64_t n, uint64_t seed, uint64_t stream, uint64
   return total;
 }
 
+void philox_combination_batches(uint64_t seed, const StreamTerm* terms, int n_terms, uint64_t base, int64_t begin,
+                                int64_t end, CombinationSink sink, void* context) {
+  for_each_batch(seed, terms, n_terms, base, begin, end,
+                 [sink, context](int64_t i0, const float* d, int64_t n) { sink(context, i0, d, n); });
+}
+
 void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed,
                            const std::vector<StreamTerm>& terms) {
   std::vector<int64_t> numels;

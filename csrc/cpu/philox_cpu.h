@@ -34,5 +34,12 @@ double philox_normal_sumsq_cpu(int64_t n, uint64_t seed, uint64_t stream, uint64
 // pass over all tensors.
 void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed,
                            const std::vector<StreamTerm>& terms);
+// The sweeps' fp32 combination d_i = sum_k coeff_k * z(seed, stream_k, base + i) for the elements [begin, end), in
+// batches aligned to Philox blocks, each handed to sink(context, i0, d, n) (d[0..n) are elements i0 .. i0 + n - 1).
+// Single-threaded (the caller splits the work); the same summation as philox_axpy_multi_cpu, for kernels that fuse
+// their own element update into the sweep (csrc/cpu/rule_sweep_cpu.cpp).
+using CombinationSink = void (*)(void* context, int64_t i0, const float* d, int64_t n);
+void philox_combination_batches(uint64_t seed, const StreamTerm* terms, int n_terms, uint64_t base, int64_t begin,
+                                int64_t end, CombinationSink sink, void* context);
 
 }  // namespace zokernels

@@ -99,6 +99,7 @@ PYBIND11_MODULE(_C, m) {
   zokernels_bindings::register_cuda_philox(m);
   zokernels_bindings::register_cge(m);
   zokernels_bindings::register_engine_cpu(m);
+  zokernels_bindings::register_rule_sweep(m);
   m.def("openmp_max_threads", &openmp_max_threads);
   m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
   m.def(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .checks import check_seed
-from .kernels import native
+from .kernels import native, rule_sweep
 from .kernels.dispatch import KERNEL_BACKENDS, choose_backend
 from .kernels.philox_torch import philox_normal_torch, philox_uint32_torch
 
@@ -233,6 +233,48 @@ def normal_combination_into(
             o.copy_((s.to(wide) + d.to(wide)).to(o.dtype))
             if minus is not None:
                 minus[i].copy_((s.to(wide) - d.to(wide)).to(o.dtype))
+
+
+def rule_sweep_(
+    out: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    seed: int,
+    terms: Sequence[tuple[int, float]],
+    specs: Sequence[rule_sweep.RuleSpec],
+    backend: str | None = None,
+) -> None:
+    """Out of place, for every tensor t: out[t] = RN(sources[t] + Δ_t), Δ_t the update rule specs[t] applied
+    elementwise to g = Σ_k coeff_k · z(seed, stream_k, offsets[t] + i), formed in fp32 exactly as in
+    add_normal_combination_ and never materialized (kernels/rule_sweep.py: linear, sign, Adam with its fp32 moments
+    read and written in the same pass, decoupled weight decay). out may be sources. Every spec names one rule;
+    all-linear without weight decay is normal_combination_into (its element loop is vectorized)."""
+    for name, group in (("sources", sources), ("offsets", offsets)):
+        if len(group) != len(out):
+            raise ValueError(f"{name} must have one entry per output tensor ({len(out)}), got {len(group)}")
+    _check_sweep_targets(out, "out")
+    _check_sweep_targets(sources, "sources")
+    for i, (o, s) in enumerate(zip(out, sources)):
+        if s.shape != o.shape or s.dtype != o.dtype:
+            raise ValueError(f"out[{i}] and sources[{i}] must share shape and dtype, got {tuple(o.shape)} {o.dtype} "
+                             f"and {tuple(s.shape)} {s.dtype}")
+    specs = rule_sweep.check_specs(specs, out)
+    offsets, seed, terms32 = _check_offsets(offsets, out), check_seed("seed", seed), _terms32(terms)
+    targets = list(out) + list(sources) + [s for spec in specs for s in spec.state]
+    devices = {t.device for t in targets} or {torch.device("cpu")}
+    if len(devices) != 1:
+        raise ValueError(f"out, sources and state tensors must all be on one device, got {sorted(map(str, devices))}")
+    resolved = choose_backend(rule_sweep.SWEEP_CPU.name, rule_sweep.IMPLEMENTED, backend, devices.pop())
+    args = (list(out), list(sources), offsets, seed, terms32, specs)
+    if all(spec.rule == "linear" and spec.decay is None for spec in specs):
+        normal_combination_into(out, sources, offsets, seed, terms32, None, resolved)
+    elif resolved in ("triton", "cuda"):
+        block = CUDA_BLOCK if resolved == "cuda" else TRITON_BLOCK
+        rule_sweep.device_rule_sweep(resolved, *args, block, lambda rows, device: _geometry(rows, block, device)[1])
+    elif resolved == "cpu":
+        rule_sweep.sweep_cpu(*args)
+    else:
+        rule_sweep.sweep_torch(*args)
 
 
 # ---- GPU sweeps (cuda, triton): one launch per dtype over device tables -----------------------------------------

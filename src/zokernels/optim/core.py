@@ -436,22 +436,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         return info.loss
 
     def _write_update(self, est: Estimate, backup: list[torch.Tensor], pending: dict[str, Any]) -> None:
-        """θ_new for every active tensor, written from the restore copy (no separate restore pass)."""
+        """θ_new for every active tensor, written from the restore copy (no separate restore pass). Where the rule is
+        sweepable on this basis (gaussian, no preconditioner): one fused rule sweep per distinct term list
+        (philox.rule_sweep_, ĝ never materialized); else ĝ materialized per tensor and the rule's `delta`."""
         params, groups, dirs = self._params(), self._group_of(), est.directions
-        linear = self.rule.linear
-        if (linear and dirs.swept and est.precondition is None
-                and all(groups[i]["weight_decay"] == 0.0 for i in est.active)):
+        if dirs.swept and est.precondition is None and self.rule.fuse and self.rule.sweepable(self):
             # one sweep per distinct term list (LeZO replay histories and per-group lr can differ per tensor)
+            plans = [self.rule.sweep_spec(self, est, i, groups[i], pending) for i in est.active]
             by_terms: dict[tuple, list[int]] = {}
-            for n, i in enumerate(est.active):
-                terms = tuple((s, scaled_coeff(a, self._update_lr(groups[i])))
-                              for s, a in self.rule.terms(self, est, i, pending))
-                by_terms.setdefault(terms, []).append(n)
+            for n, (terms, _) in enumerate(plans):
+                by_terms.setdefault(tuple(terms), []).append(n)
             for terms, ns in by_terms.items():
-                philox.normal_combination_into([params[est.active[n]] for n in ns], [backup[n] for n in ns],
-                                               [dirs.offsets[est.active[n]] for n in ns], dirs.seed, list(terms),
-                                               None, dirs.backend)
+                philox.rule_sweep_([params[est.active[n]] for n in ns], [backup[n] for n in ns],
+                                   [dirs.offsets[est.active[n]] for n in ns], dirs.seed, list(terms),
+                                   [plans[n][1] for n in ns], dirs.backend)
             return
+        linear = self.rule.linear
         for n, i in enumerate(est.active):
             group, theta = groups[i], backup[n]
             if linear:
@@ -489,9 +489,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def transient_buffers(self) -> int:
         """Upper bound on simultaneously live fp32 buffers of one tensor's size during a step (from the code)."""
         swept = self.basis == "gaussian" and self.estimator != "hizoo"
-        wd = any(g["weight_decay"] != 0.0 for g in self.param_groups)
-        if swept and self.rule.linear and not wd:
-            return 0
+        if swept and self.rule.fuse and self.rule.sweepable(self) and self.backend != "torch":
+            return 0  # the fused rule sweep: ĝ and Δ live in registers (the torch backend's ops allocate, below)
         # queries: z, basis, scaled basis, perturbation, wide sum; update: combination, basis, product, rule
         # temporaries, weight decay terms, wide sum.
         return 6 + self.rule.transient_buffers

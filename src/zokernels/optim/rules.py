@@ -1,12 +1,17 @@
 """Update rules: what an optimizer does with the estimate ĝ = Σ_j c_j b_j of a step (core.Estimate).
 
 A rule is either
-- **linear** (`terms`): Δ = −lr·Σ_k a_k b_k over streams of this or earlier steps. On the gaussian basis without
-  weight decay the whole update is one Philox sweep from the restore copy; nothing is materialized or stored
+- **linear** (`terms`): Δ = −lr·Σ_k a_k b_k over streams of this or earlier steps; nothing is stored
   (seed-replayed). SGD; momentum with `momentum_buffer="replay"`.
 - **elementwise** (`delta`): given ĝ_i materialized in fp32 for tensor i, returns Δ_i (fp32, lr included) and
   advances its fp32 state in place (only after every closure call of the step has succeeded, so a failing closure
   leaves it untouched). Momentum with a dense buffer, Adam, sign.
+
+**Fused** (`sweepable`, `sweep_spec`): on the gaussian basis without a preconditioner, a linear rule, sign without
+momentum and Adam (each with weight decay) update every tensor in one Philox sweep from the restore copy
+(zokernels.kernels.rule_sweep): ĝ is formed per element in fp32 registers and never materialized, and the result
+equals the materialized path (`delta`) bit for bit (tests/test_rule_sweep.py). Dense momentum (SGD, sign) still
+materializes ĝ. `fuse = False` on a rule forces the materialized path (the path the fused one is tested against).
 
 Adding a rule touches three files: this one (the rule), optimizers.py (the public class, a few lines) and
 reference/optim_ref.py (its float64 twin, which tests/test_optim.py then compares automatically).
@@ -19,12 +24,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checks import check_int, check_unit
-from .core import Estimate, StepInfo, f32
+from ..kernels.rule_sweep import RuleSpec, rule_delta_torch
+from .core import Estimate, StepInfo, f32, scaled_coeff
 
 if TYPE_CHECKING:
     from .core import ZOOptimizer
 
 MOMENTUM_BUFFERS = ("dense", "replay")
+Plan = tuple[list[tuple[int, float]], RuleSpec]  # (terms, spec) of one tensor's fused update
+
+
+def _decay(group: dict[str, Any]) -> float | None:
+    """The decoupled weight-decay coefficient −lr·wd of the fused sweep (None: no weight decay)."""
+    return -group["lr"] * group["weight_decay"] if group["weight_decay"] != 0.0 else None
 
 
 class UpdateRule:
@@ -34,6 +46,7 @@ class UpdateRule:
     linear = False
     stateful = False  # holds per-tensor state (ZOConservative refuses such rules)
     transient_buffers = 1  # fp32 temporaries of one tensor's size live in delta()
+    fuse = True  # take the fused rule sweep where sweepable (False: always materialize ĝ)
 
     def check(self, group: dict[str, Any]) -> None:
         pass
@@ -53,6 +66,15 @@ class UpdateRule:
     def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
               pending: dict[str, Any]) -> torch.Tensor:
         return g * f32(-group["lr"])
+
+    def sweepable(self, opt: "ZOOptimizer") -> bool:
+        """Whether every tensor's update is one fused rule sweep (given the gaussian basis, no preconditioner)."""
+        return False
+
+    def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
+                   pending: dict[str, Any]) -> Plan:
+        """(terms, RuleSpec) of tensor i's fused update; advances the rule's state as `delta` would."""
+        raise NotImplementedError
 
     def extra_state(self, opt: "ZOOptimizer") -> dict[str, Any]:
         return {}
@@ -98,6 +120,15 @@ class SGDRule(UpdateRule):
 
     def state_bytes_per_param(self, opt: "ZOOptimizer") -> int:
         return 4 if self.dense else 0
+
+    def sweepable(self, opt: "ZOOptimizer") -> bool:
+        return self.linear
+
+    def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
+                   pending: dict[str, Any]) -> Plan:
+        lr = opt._update_lr(group)
+        terms = [(s, scaled_coeff(a, lr)) for s, a in self.terms(opt, est, i, pending)]
+        return terms, RuleSpec("linear", decay=_decay(group))
 
     def prepare(self, opt: "ZOOptimizer", est: Estimate, info: StepInfo) -> dict[str, Any]:
         if self.momentum_buffer != "replay" or not self.stateful:
@@ -176,6 +207,13 @@ class SignRule(UpdateRule):
     def state_bytes_per_param(self, opt: "ZOOptimizer") -> int:
         return 4 if self.stateful else 0
 
+    def sweepable(self, opt: "ZOOptimizer") -> bool:
+        return not self.stateful
+
+    def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
+                   pending: dict[str, Any]) -> Plan:
+        return est.terms(), RuleSpec("sign", (-group["lr"],), _decay(group))
+
     def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
               pending: dict[str, Any]) -> torch.Tensor:
         beta = group["momentum"]
@@ -185,7 +223,7 @@ class SignRule(UpdateRule):
                 state["momentum_buffer"] = torch.zeros_like(g)
             state["momentum_buffer"].mul_(f32(beta)).add_(g * f32(1.0 - beta))
             g = state["momentum_buffer"]
-        return torch.sign(g) * f32(-group["lr"])
+        return rule_delta_torch("sign", g, (f32(-group["lr"]),))
 
 
 class AdamRule(UpdateRule):
@@ -211,19 +249,32 @@ class AdamRule(UpdateRule):
     def state_bytes_per_param(self, opt: "ZOOptimizer") -> int:
         return 8
 
-    def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
-              pending: dict[str, Any]) -> torch.Tensor:
-        state = opt.state[opt._params()[i]]
+    def _advance(self, opt: "ZOOptimizer", i: int, group: dict[str, Any]) -> tuple[tuple[float, ...], tuple]:
+        """Counts tensor i's step k and returns the fp32 scalars of kernels.rule_sweep's "adam" (β1, 1 − β1, β2,
+        1 − β2, √(1 − β2^k), ε, −lr/(1 − β1^k)) and its moments (m, v), created as fp32 zeros on its first step.
+        (The √ of v is correctly rounded on every path; torch.sqrt on CPU float32 is not.)"""
+        p = opt._params()[i]
+        state = opt.state[p]
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         k = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(f32(beta1)).add_(g * f32(1.0 - beta1))
-        v.mul_(f32(beta2)).add_((g * g) * f32(1.0 - beta2))
-        bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
-        denom = torch.sqrt(v) / f32(math.sqrt(bc2)) + f32(group["eps"])
-        return (m / denom) * f32(-group["lr"] / bc1)
+        hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** k), group["eps"],
+                 -group["lr"] / (1.0 - beta1 ** k))
+        return tuple(f32(h) for h in hyper), (state["exp_avg"], state["exp_avg_sq"])
+
+    def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
+              pending: dict[str, Any]) -> torch.Tensor:
+        hyper, moments = self._advance(opt, i, group)
+        return rule_delta_torch("adam", g, hyper, moments)
+
+    def sweepable(self, opt: "ZOOptimizer") -> bool:
+        return True
+
+    def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
+                   pending: dict[str, Any]) -> Plan:
+        hyper, moments = self._advance(opt, i, group)
+        return est.terms(), RuleSpec("adam", hyper, _decay(group), moments)

@@ -4,12 +4,17 @@ naively with plain torch ops, one replica at a time, so that it can be trusted b
 - first_layer_delta_ref: relu(bn(y + δ)) − relu(bn(y)) per coordinate, δ = h·shifted x[:, c] into channel o.
 - one_channel_conv2d_ref / one_channel_linear_ref: the next mixing op on one-channel deltas.
 - masked_sgd_ref: the scatter of K finite differences into .grad and the SGD update, restricted to the mask or not.
+- rule_sweep_ref: the fused rule sweep (kernels/rule_sweep.py) in numpy float32 operations on whole arrays, z from
+  the numpy Philox twin: each numpy op rounds once, so it is compared bit for bit.
 Run them in float64 where the fast path must be matched to rounding level.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .philox_ref import philox_normal_ref
 
 
 def seed_delta_ref(x: torch.Tensor, coord: tuple[int, int, int, int], step: float, out_hw: tuple[int, int],
@@ -98,3 +103,34 @@ def masked_sgd_ref(params: list[torch.Tensor], buffers: list[torch.Tensor], mask
             g = g + momentum * b if nesterov else b
         param[where] = param[where] - lr * g
     return grads
+
+
+def rule_sweep_ref(x: torch.Tensor, offset: int, seed: int, terms, rule: str, hyper=(), decay: float | None = None,
+                   state: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(x updated, the new state) of one tensor: g = Σ fl32(c)·z in float32 from 0 in term order; Δ by the rule
+    (sign: step·sign(g) with sign(0) = 0; adam: the moments, then (m / (√v / bias2_root + ε))·step; linear: g), every
+    scalar rounded to float32; with decay, Δ + fl32(x·fl32(decay)) (the product in float64 for float64 x); then
+    x + Δ in float32 (float64 for float64 x), rounded once to x's dtype. `state` is not modified."""
+    f32 = np.float32
+    n = x.numel()
+    g = np.zeros(n, dtype=f32)
+    for stream, coeff in terms:
+        g = g + f32(coeff) * philox_normal_ref(n, seed, stream, offset)
+    h = [f32(v) for v in hyper]
+    new_state = [s.detach().reshape(-1).numpy().copy() for s in state]
+    if rule == "sign":
+        delta = np.where(g > 0, f32(1), np.where(g < 0, f32(-1), f32(0))) * h[0]
+    elif rule == "adam":
+        beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_root, eps, step = h
+        m = new_state[0] * beta1 + g * one_minus_beta1
+        v = new_state[1] * beta2 + (g * g) * one_minus_beta2
+        new_state = [m, v]
+        delta = (m / (np.sqrt(v) / bias2_root + eps)) * step
+    else:
+        delta = g
+    wide = np.float64 if x.dtype == torch.float64 else f32
+    xw = x.detach().reshape(-1).to(torch.float64 if wide is np.float64 else torch.float32).numpy()
+    if decay is not None:
+        delta = delta + (xw * wide(f32(decay))).astype(f32)
+    out = torch.from_numpy(xw + delta.astype(wide)).to(x.dtype).view_as(x)
+    return out, [torch.from_numpy(s).view_as(x) for s in new_state]

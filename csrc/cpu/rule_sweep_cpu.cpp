@@ -1,0 +1,94 @@
+// The fused rule sweep on the CPU: the sweeps' fp32 combination (philox_combination_batches) feeds the element
+// arithmetic of csrc/rule_sweep.h batch by batch, so the estimate g is never written to memory.
+#include "rule_sweep_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "../rule_sweep.h"
+
+namespace zokernels {
+namespace {
+
+// As in philox_cpu.cpp: chunks never straddle a tensor, and every element depends only on its own inputs, so the
+// split and the thread count cannot change results.
+constexpr int64_t kChunk = 1 << 14;
+constexpr int64_t kParallelMin = 1 << 16;
+
+// Storage <-> wide value (fp32; fp64 stays fp64). fp16 through _Float16 (round to nearest even), bf16 in integers.
+struct HalfBits { uint16_t bits; };
+struct BFloatBits { uint16_t bits; };
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(HalfBits v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, 2);
+  return static_cast<float>(h);
+}
+inline float load(BFloatBits v) { return bf16_bits_to_float(v.bits); }
+template <typename T> T store(decltype(load(T{})) w);
+template <> float store<float>(float w) { return w; }
+template <> double store<double>(double w) { return w; }
+template <> HalfBits store<HalfBits>(float w) {
+  const _Float16 h = static_cast<_Float16>(w);
+  HalfBits out;
+  std::memcpy(&out.bits, &h, 2);
+  return out;
+}
+template <> BFloatBits store<BFloatBits>(float w) { return BFloatBits{float_to_bf16_bits(w)}; }
+
+// The sink of one batch: elements i0 .. i0 + n of the tensor, g[j] their combination.
+template <typename T, int Rule>
+void apply_rule(void* context, int64_t i0, const float* g, int64_t n) {
+  const RuleTensor& t = *static_cast<const RuleTensor*>(context);
+  const T* src = static_cast<const T*>(t.src) + i0;
+  T* out = static_cast<T*>(t.out) + i0;
+  for (int64_t j = 0; j < n; ++j) {
+    const auto x = load(src[j]);
+    float delta;
+    if constexpr (Rule == kRuleAdam) delta = rule_delta<Rule>(g[j], t.row, t.m + i0 + j, t.v + i0 + j);
+    else delta = rule_delta<Rule>(g[j], t.row, nullptr, nullptr);
+    delta = with_decay(delta, x, t.row);
+    out[j] = store<T>(x + static_cast<decltype(x)>(delta));
+  }
+}
+
+template <int Rule>
+CombinationSink sink_for(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: return &apply_rule<double, Rule>;
+    case DType::kFloat16: return &apply_rule<HalfBits, Rule>;
+    case DType::kBFloat16: return &apply_rule<BFloatBits, Rule>;
+    default: return &apply_rule<float, Rule>;
+  }
+}
+
+CombinationSink sink_for(int rule, DType dtype) {
+  if (rule == kRuleSign) return sink_for<kRuleSign>(dtype);
+  if (rule == kRuleAdam) return sink_for<kRuleAdam>(dtype);
+  return sink_for<kRuleLinear>(dtype);
+}
+
+}  // namespace
+
+void rule_sweep_cpu(const std::vector<RuleTensor>& tensors, uint64_t seed, const std::vector<StreamTerm>& terms,
+                    int rule) {
+  struct Chunk { size_t tensor; int64_t begin, end; };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    for (int64_t b = 0; b < tensors[t].numel; b += kChunk)
+      chunks.push_back({t, b, std::min(tensors[t].numel, b + kChunk)});
+    total += tensors[t].numel;
+  }
+  const int n_terms = static_cast<int>(terms.size());
+#pragma omp parallel for schedule(dynamic, 1) if (total >= kParallelMin)
+  for (int64_t ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci) {
+    const Chunk& c = chunks[static_cast<size_t>(ci)];
+    const RuleTensor& t = tensors[c.tensor];
+    philox_combination_batches(seed, terms.data(), n_terms, t.offset, c.begin, c.end, sink_for(rule, t.dtype),
+                               const_cast<RuleTensor*>(&t));
+  }
+}
+
+}  // namespace zokernels
