@@ -40,7 +40,7 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 120"
   timeout "$(limit 200)" $PYTEST -n 8 --junitxml="$OUT/gpu_tests.xml" \
     tests/test_kernel_matrix.py tests/test_native_boundary.py tests/test_kernels_cuda.py tests/test_kernels_triton.py \
     tests/test_philox_triton.py tests/test_philox_torch.py tests/test_engine_gpu_path.py tests/test_kernels_engine.py \
-    tests/test_kernels_sparse.py
+    tests/test_kernels_sparse.py tests/test_rule_sweep.py tests/test_query_scope.py
 
   phase "bench: MeZO on the GPU (random-init SmolLM2-135M and Llama-1B shapes, fp32/bf16)"
   timeout "$(limit 120)" python3 bench/mezo_gpu.py --repeats 5 --drift-steps 10 --dtypes bfloat16

@@ -8,10 +8,10 @@ import torch
 
 from zokernels import backends, philox
 from zokernels.experimental import masked_sgd
-from zokernels.kernels import batchnorm, first_layer, mixing, native
+from zokernels.kernels import batchnorm, first_layer, mixing, native, rule_sweep
 
 needs_cpu_ext = pytest.mark.skipif(not backends.availability()["cpu"].available, reason="zokernels._C not built")
-WRAPPERS = (first_layer, mixing, batchnorm, masked_sgd, philox)
+WRAPPERS = (first_layer, mixing, batchnorm, masked_sgd, philox, rule_sweep)
 
 
 def _declared_ops() -> list[native.NativeOp]:

@@ -20,15 +20,19 @@ A step t of an optimizer with seed S:
    RNG reset before the error propagates (error contract of zokernels.estimators.common): parameters, optimizer
    state and RNG are bit-identical to before the step.
 4. **Estimate** ĝ = Σ_j c_j b_j (HiZOO: ⊙ s_{t+1}), a list of (stream, c_j) pairs: the estimator's scalars.
-5. **Update** by the rule (rules.py). A linear rule (SGD, replayed momentum) on the gaussian basis without weight
-   decay is one sweep θ_new = RN_dtype(θ + Σ_k fl32(fl32(a_k)·fl32(lr))·z_k) straight from the restore copy, with
-   no materialized vector. Otherwise, per active tensor, ĝ_i (fp32) is materialized (Σ_k fl32(c_k)·b_k accumulated
-   in fp32), the rule turns it into Δ_i (fp32, lr included), decoupled weight decay adds fl32(−lr·wd)·θ, and
-   θ_new = RN_dtype(θ + Δ). Rule state is fp32 whatever the parameter dtype.
+5. **Update** by the rule (rules.py). On the gaussian basis without a preconditioner, a fusable rule (SGD,
+   replayed momentum, sign without momentum, Adam; each with decoupled weight decay) is one rule sweep
+   (philox.rule_sweep_) straight from the restore copy: ĝ = Σ_k fl32(c_k)·z_k is formed per element in fp32
+   registers, never materialized, and the rule applied there (Adam reads and writes its fp32 moments in the same
+   pass). Otherwise (dense momentum, the Rademacher or HiZOO basis), per active tensor, ĝ_i (fp32) is materialized,
+   the rule turns it into Δ_i (fp32, lr included), decoupled weight decay adds fl32(−lr·wd)·θ, and
+   θ_new = RN_dtype(θ + Δ). Both give the same bits (tests/test_rule_sweep.py). Rule state is fp32 whatever the
+   parameter dtype.
 
 Extra memory during a step, in bytes per trainable parameter element (s = bytes of the parameter dtype):
 s·(active fraction) for the restore copy, plus the rule's and estimator's persistent fp32 state (0, 4 or 8), plus
-transient fp32 buffers of O(largest tensor) on the materialized path. Each optimizer's docstring states its total.
+transient fp32 buffers of O(largest tensor) on the materialized path (none on the fused one with the cpu, cuda or
+triton backend). Each optimizer's docstring states its total.
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ class LeZO(ZOSGD):
 class ZOAdam(ZOOptimizer):
     """ZO-Adam (ZO-AdaMM): Adam moments of the ZO estimate ĝ (rules.AdamRule), bias-corrected.
 
-    Memory (bytes/param): s + 8 (fp32 m and v; dense, not seed-replayable since v is quadratic in ĝ)
-    + transient fp32 buffers.
+    Memory (bytes/param): s + 8 (fp32 m and v; dense, not seed-replayable since v is quadratic in ĝ); the update
+    is one fused rule sweep on the gaussian basis (no transient buffers), else + transient fp32 buffers.
     """
 
     __doc__ += "\n    " + _SHARED
@@ -75,7 +75,8 @@ class ZOAdam(ZOOptimizer):
 class ZOSignSGD(ZOOptimizer):
     """ZO-signSGD: θ ← θ − lr·sign(ĝ) (with momentum β: sign of m ← β·m + (1 − β)·ĝ; rules.SignRule).
 
-    Memory (bytes/param): s (+ 4 with momentum) + transient fp32 buffers.
+    Memory (bytes/param): s without momentum (one fused rule sweep on the gaussian basis); s + 4 with momentum
+    + transient fp32 buffers (ĝ materialized per tensor).
     """
 
     __doc__ += "\n    " + _SHARED
@@ -94,8 +95,8 @@ class ZOConservative(ZOOptimizer):
     (shared with the 'forward' estimator), then ℓ(θ_new); if ℓ(θ_new) > ℓ_0 the parameters are restored bit for
     bit. Forwards: 2q + 2 (central) or q + 2 (forward). `sign=True` takes ZO-signSGD steps instead.
 
-    Memory (bytes/param): s (restore copy, which is also the rejected step's restore) + transient fp32 buffers
-    with weight decay or sign; no state (a stateful rule cannot be made conservative without a second state copy).
+    Memory (bytes/param): s (restore copy, which is also the rejected step's restore); the update is a fused
+    sweep on the gaussian basis (no transient buffers); no state (a stateful rule cannot be made conservative without a second state copy).
     """
 
     __doc__ += "\n    " + _SHARED
