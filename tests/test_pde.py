@@ -161,3 +161,54 @@ def test_cli_smoke(tmp_path, capsys):
         assert label in printed
     assert (tmp_path / "pde_fields.png").stat().st_size > 0
     assert (tmp_path / "corrector_zo-sol.pt").exists()
+
+
+def _parsed(argv):
+    import argparse
+
+    from zokernels.apps import pde
+
+    parser = argparse.ArgumentParser()
+    pde.add_arguments(parser)
+    return pde.apply_preset(parser.parse_args(argv))
+
+
+def test_presets_fill_only_the_options_left_unset():
+    from zokernels.apps.pde import PRESETS
+
+    default = _parsed([])
+    assert {k: getattr(default, k) for k in PRESETS["default"]} == PRESETS["default"]
+    study = _parsed(["--preset", "study", "--hidden", "4", "--steps", "1000"])
+    # given explicitly wins, also when it equals another preset's value; the rest come from the chosen preset
+    assert study.hidden == 4 and study.steps == 1000
+    assert study.frames == PRESETS["study"]["frames"] and study.density == PRESETS["study"]["density"]
+    assert _parsed(["--preset", "default", "--frames", "64"]).frames == 64
+
+
+def test_preset_rejects_unknown_names():
+    import argparse
+
+    from zokernels.apps.pde import apply_preset
+
+    with pytest.raises(SystemExit):
+        _parsed(["--preset", "nope"])
+    with pytest.raises(ValueError, match="preset"):
+        apply_preset(argparse.Namespace(preset="nope"))
+
+
+def test_train_and_evaluate_reports_mae_per_test_trajectory(tmp_path):
+    from zokernels.apps.pde import train_and_evaluate
+
+    args = _parsed(["--methods", "src,non", "--train-trajectories", "2", "--test-trajectories", "3", "--frames", "3",
+                    "--steps", "1", "--unroll", "1", "--batch-size", "1", "--hidden", "2", "--out", str(tmp_path)])
+    test, results, rollouts, cpu = train_and_evaluate(args, ["src", "non"])
+    assert test.shape == (3, 4, 2, 8, 8) and set(results) == set(rollouts) == set(cpu) == {"src", "non"}
+    for method in ("src", "non"):
+        assert results[method].shape == (3,)
+        # one rollout per test trajectory; its MAE over all frames is the reported value, up to the float32
+        # summation bound n·u·|sum| of a mean over n values (other reduction order than this float64 oracle)
+        for t in range(3):
+            error = (rollouts[method][t].double() - test[t, 1:].double()).abs()
+            bound = error.numel() * FLOAT32_UNIT_ROUNDOFF * error.mean().item()
+            assert abs(results[method][t].item() - error.mean().item()) <= bound
+        assert (results[method] > 0).all()
