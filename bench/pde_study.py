@@ -1,6 +1,6 @@
 """The PDE error-correction study (issue 17): SRC / NON / ZO-SOL / FO-SOL over seeds, per test trajectory.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/pde_study.py --preset study --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pde_study.py --preset study --seeds 0 1 2 3 4 [--steps 500]
     OMP_NUM_THREADS=1 .venv/bin/python bench/pde_study.py --preset default --methods non,fo-sol --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 .venv/bin/python bench/pde_study.py --preset study --gradient-check --seeds 0
     .venv/bin/python bench/pde_study.py --report            # tables from the CSVs, redraws docs/pde_study.png
@@ -40,11 +40,18 @@ PLOT = Path(__file__).resolve().parent.parent / "docs" / "pde_study.png"
 ORDER = ("src", "non", "zo-sol", "fo-sol")
 
 
-def app_args(preset: str, seed: int, methods: str, out: Path) -> argparse.Namespace:
+def setting_name(preset: str, steps: int | None) -> str:
+    """The CSVs' `setting`: the preset, or 'preset-<N>steps' when --steps overrides the preset's step count."""
+    return preset if steps is None else f"{preset}-{steps}steps"
+
+
+def app_args(preset: str, steps: int | None, seed: int, methods: str, out_root: Path) -> argparse.Namespace:
+    """The app's options of `zokernels train pde --preset P [--steps N] --seed S`, output under out_root/setting/seedS."""
     parser = argparse.ArgumentParser()
     pde.add_arguments(parser)
-    return pde.apply_preset(parser.parse_args(["--preset", preset, "--seed", str(seed), "--methods", methods,
-                                               "--out", str(out)]))
+    out = out_root / setting_name(preset, steps) / f"seed{seed}"
+    argv = ["--preset", preset, "--seed", str(seed), "--methods", methods, "--out", str(out)]
+    return pde.apply_preset(parser.parse_args(argv + ([] if steps is None else ["--steps", str(steps)])))
 
 
 def _read(name: str) -> list[dict]:
@@ -52,29 +59,30 @@ def _read(name: str) -> list[dict]:
     return list(csv.DictReader(open(path, newline=""))) if path.exists() else []
 
 
-def run_seed(preset: str, seed: int, methods: list[str], out_root: Path) -> None:
+def run_seed(preset: str, steps: int | None, seed: int, methods: list[str], out_root: Path) -> None:
+    setting = setting_name(preset, steps)
     done = {(r["setting"], r["method"], int(r["seed"])) for r in _read(CSV)}
-    todo = [m for m in methods if (preset, m, seed) not in done]
+    todo = [m for m in methods if (setting, m, seed) not in done]
     if not todo:
-        print(f"{preset} seed {seed}: all of {methods} already in {CSV}; skipped")
+        print(f"{setting} seed {seed}: all of {methods} already in {CSV}; skipped")
         return
-    args = app_args(preset, seed, ",".join(todo), out_root / preset / f"seed{seed}")
+    args = app_args(preset, steps, seed, ",".join(todo), out_root)
     started = time.perf_counter()
     test, results, rollouts, cpu = pde.train_and_evaluate(args, todo)
     meta = run_metadata()
     rows, frame_rows = [], []
     for method in todo:
-        common = {"setting": preset, "method": method, "seed": seed, "steps": args.steps, "hidden": args.hidden,
+        common = {"setting": setting, "method": method, "seed": seed, "steps": args.steps, "hidden": args.hidden,
                   "frames": args.frames, "unroll": args.unroll, "batch_size": args.batch_size,
                   "density": args.density, "train_cpu_s": round(cpu[method], 1), **meta}
         rows += [{**common, "trajectory": t, "mae": f"{v:.6f}"} for t, v in enumerate(results[method].tolist())]
         per_frame = (rollouts[method] - test[:, 1:]).abs().mean(dim=(0, 2, 3, 4))
-        frame_rows += [{"setting": preset, "method": method, "seed": seed, "frame": f + 1, "mae": f"{v:.6f}"}
+        frame_rows += [{"setting": setting, "method": method, "seed": seed, "frame": f + 1, "mae": f"{v:.6f}"}
                        for f, v in enumerate(per_frame.tolist())]
     append_csv_rows(CSV, rows)
     append_csv_rows(FRAMES_CSV, frame_rows)
     summary = ", ".join(f"{pde.LABELS[m]} {results[m].mean():.4f} ({cpu[m]:.0f} s CPU)" for m in todo)
-    print(f"{preset} seed {seed}: {summary}; {time.perf_counter() - started:.0f} s wall", flush=True)
+    print(f"{setting} seed {seed}: {summary}; {time.perf_counter() - started:.0f} s wall", flush=True)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -98,7 +106,7 @@ def report(rows: list[dict]) -> None:
     for preset in dict.fromkeys(r["setting"] for r in rows):
         table = _by_seed(rows, preset)
         methods = [m for m in ORDER if any(m in t for t in table.values())]
-        print(f"\n### preset {preset}: mean MAE over the test trajectories\n")
+        print(f"\n### setting {preset}: mean MAE over the test trajectories\n")
         print("| seed | " + " | ".join(pde.LABELS[m] for m in methods) + " |")
         print("|---" * (len(methods) + 1) + "|")
         for seed, per in sorted(table.items()):
@@ -109,7 +117,7 @@ def report(rows: list[dict]) -> None:
               + " |")
         pairs = [(a, b) for a, b in (("non", "src"), ("fo-sol", "non"), ("zo-sol", "non"), ("zo-sol", "src"),
                                      ("zo-sol", "fo-sol")) if a in methods and b in methods]
-        print(f"\n### preset {preset}: paired MAE differences (B − A > 0: A better), per trajectory\n")
+        print(f"\n### setting {preset}: paired MAE differences (B − A > 0: A better), per trajectory\n")
         print("| A vs B | " + " | ".join(f"seed {s}" for s in sorted(table)) + " | all pairs | A better on |")
         print("|---" * (len(table) + 3) + "|")
         for a, b in pairs:
@@ -156,8 +164,8 @@ def plot(rows: list[dict], frame_rows: list[dict], path: Path) -> Path:
             seeds = sorted(s for s, per in table.items() if m in per)
             seed_axis.plot(seeds, [_mean_se(table[s][m])[0] for s in seeds], "o-", label=pde.LABELS[m])
         curve_axis.set(xlabel="rollout step", ylabel="MAE (mean over seeds, trajectories)",
-                       title=f"preset {preset}: error along the test rollout")
-        seed_axis.set(xlabel="seed", ylabel="MAE (mean over 16 trajectories)", title=f"preset {preset}: per seed")
+                       title=f"{preset}: error along the test rollout")
+        seed_axis.set(xlabel="seed", ylabel="MAE (mean over 16 trajectories)", title=f"{preset}: per seed")
         seed_axis.set_xticks(sorted(table))
         for axis in (curve_axis, seed_axis):
             axis.grid(alpha=0.3)
@@ -177,8 +185,8 @@ def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.detach().flatten().double() for p in model.parameters()])
 
 
-def gradient_check(preset: str, seed: int, out_root: Path, batches: int) -> None:
-    args = app_args(preset, seed, "non,fo-sol", out_root / preset / f"seed{seed}")
+def gradient_check(preset: str, steps: int | None, seed: int, out_root: Path, batches: int) -> None:
+    args = app_args(preset, steps, seed, "non,fo-sol", out_root)
     config = BurgersConfig(coarse=args.coarse, refine=args.refine, substeps=args.refine, dt=args.dt,
                            viscosity=args.viscosity)
     train, _ = pde._make_data(args, config)
@@ -218,7 +226,7 @@ def gradient_check(preset: str, seed: int, out_root: Path, batches: int) -> None
                                             ("sparse_cge_phiflow", sparse, sparse_s),
                                             ("exact_on_sparse_set", masked_exact, 0.0)):
                 on_set = (estimate[selected] - exact[selected]).norm().item() / exact[selected].norm().item()
-                rows.append({"setting": preset, "seed": seed, "point": point, "batch": batch, "estimator": name,
+                rows.append({"setting": setting_name(preset, steps), "seed": seed, "point": point, "batch": batch, "estimator": name,
                              "cosine_vs_fp64": f"{_cosine(estimate, exact):.6f}",
                              "rel_error_vs_fp64": f"{(estimate - exact).norm().item() / norm:.6f}",
                              "rel_error_on_sparse_set": f"{on_set:.6f}",
@@ -233,6 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=tuple(pde.PRESETS), default="study")
     parser.add_argument("--methods", default="src,non,zo-sol,fo-sol")
+    parser.add_argument("--steps", type=int, help="overrides the preset's optimizer steps (setting 'P-<N>steps')")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="runs/pde_study", help="checkpoints and training logs per preset/seed")
     parser.add_argument("--gradient-check", action="store_true", help="gradient-estimate errors (see above)")
@@ -242,11 +251,11 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.gradient_check:
         for seed in args.seeds:
-            gradient_check(args.preset, seed, Path(args.out), args.batches)
+            gradient_check(args.preset, args.steps, seed, Path(args.out), args.batches)
         return
     if not args.report:
         for seed in args.seeds:
-            run_seed(args.preset, seed, pde._parse_methods(args.methods), Path(args.out))
+            run_seed(args.preset, args.steps, seed, pde._parse_methods(args.methods), Path(args.out))
     rows = _read(CSV)
     report(rows)
     print(f"\nplot: {plot(rows, _read(FRAMES_CSV), PLOT)}")
