@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -170,3 +171,48 @@ def test_query_blocks_cover_the_queries_in_single_process_order():
 
 def _bits(t):
     return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _nccl_worker(rank, world_size, init_file, out_dir):
+    """One NCCL rank per GPU: data-parallel and perturbation-parallel MeZO on a CUDA model with dropout."""
+    from zokernels.distributed import DataParallelZO, PerturbationParallelZO
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    results = {}
+    for name, zo in (("data", DataParallelZO()), ("perturbation", PerturbationParallelZO())):
+        model, batch = _cuda_dropout_problem(rank)
+        torch.manual_seed(5)  # rank 0's RNG state is the one every rank's queries replay
+        step = zo.mezo_step(model, zo.shard(batch) if name == "data" else batch, mu=1e-3, lr=1e-2, seed=7, q=2)
+        zo.check_replicas(model, exact=True)
+        results[name] = {"grads": step.projected_grads, "state": {k: v.cpu() for k, v in model.state_dict().items()}}
+    torch.save(results, os.path.join(out_dir, f"nccl_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _cuda_dropout_problem(device_index):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(16, 3)).train().to(f"cuda:{device_index}")
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 8, generator=g).to(f"cuda:{device_index}"),
+             torch.randint(0, 3, (8,), generator=g).to(f"cuda:{device_index}"))
+    return model, batch
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="NCCL needs CUDA GPUs (the CPU ranks run on gloo above and in test_torchrun.py)")
+def test_nccl_ranks_stay_bit_identical_and_perturbation_parallel_equals_one_process(tmp_path):
+    """On the GPU machine (one rank per visible GPU, at least one): the NCCL path of both parallel modes, including
+    the broadcast of rank 0's CUDA RNG state; perturbation-parallel MeZO equals one process's mezo_step."""
+    from zokernels import mezo_step
+    world_size = torch.cuda.device_count()
+    mp.spawn(_nccl_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"nccl_rank{r}.pt") for r in range(world_size)]
+    model, batch = _cuda_dropout_problem(0)
+    torch.manual_seed(5)
+    single = mezo_step(model, batch, mu=1e-3, lr=1e-2, seed=7, q=2)
+    for r in ranks:
+        assert r["perturbation"]["grads"] == single.projected_grads
+        for k, v in model.state_dict().items():
+            assert torch.equal(r["perturbation"]["state"][k], v.cpu()), k
+            assert torch.equal(r["data"]["state"][k], ranks[0]["data"]["state"][k]), k
