@@ -84,23 +84,16 @@ def _box_muller(a, b):
 
 
 @triton.jit
-def _philox_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms,
-                         DTYPE: tl.constexpr, WIDE: tl.constexpr, BF16_BITS: tl.constexpr, HAS_MINUS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """words: [seed lo, seed hi, (stream lo, stream hi) per term]; floats: [coeff per term, scale per tensor]."""
+def _tile_combination(first_block, words_ptr, floats_ptr, n_terms, scale, BLOCK: tl.constexpr):
+    """Σ_k fl32(coeff_k·scale)·z(seed, stream_k, ·) in fp32 over the BLOCK stream positions from Philox block
+    `first_block` on (4 per block), in stream order; words: [seed lo, seed hi, (stream lo, stream hi) per term],
+    floats: [coeff per term, ...]. Shared by the Philox sweep and the rule sweep (kernels/triton/rule_sweep.py)."""
     QUADS: tl.constexpr = BLOCK // 4
-    tile = tl.program_id(0).to(tl.int64)
-    t = tl.load(tiles_ptr + 2 * tile)
-    start = tl.load(tiles_ptr + 2 * tile + 1)  # first element of the tile; may be −3..−1 (block alignment)
-    row = table_ptr + N_COLS * t
-    numel = tl.load(row + COL_NUMEL)
-    first_block = (tl.load(row + COL_OFFSET) + start) // 4
     blocks = first_block + tl.arange(0, QUADS).to(tl.int64)
     lo = blocks.to(tl.uint32)
     hi = (blocks >> 32).to(tl.uint32)
     k0 = tl.load(words_ptr).to(tl.uint32)
     k1 = tl.load(words_ptr + 1).to(tl.uint32)
-    scale = tl.load(floats_ptr + n_terms + t)
     acc0 = tl.zeros([QUADS], dtype=tl.float32)
     acc1 = tl.zeros([QUADS], dtype=tl.float32)
     acc2 = tl.zeros([QUADS], dtype=tl.float32)
@@ -117,7 +110,21 @@ def _philox_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms,
         acc2 += coeff * z2
         acc3 += coeff * z3
     # element order within a Philox block is lane 0, 1, 2, 3
-    d = tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), [BLOCK])
+    return tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), [BLOCK])
+
+
+@triton.jit
+def _philox_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms,
+                         DTYPE: tl.constexpr, WIDE: tl.constexpr, BF16_BITS: tl.constexpr, HAS_MINUS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """words: [seed lo, seed hi, (stream lo, stream hi) per term]; floats: [coeff per term, scale per tensor]."""
+    tile = tl.program_id(0).to(tl.int64)
+    t = tl.load(tiles_ptr + 2 * tile)
+    start = tl.load(tiles_ptr + 2 * tile + 1)  # first element of the tile; may be −3..−1 (block alignment)
+    row = table_ptr + N_COLS * t
+    numel = tl.load(row + COL_NUMEL)
+    first_block = (tl.load(row + COL_OFFSET) + start) // 4
+    d = _tile_combination(first_block, words_ptr, floats_ptr, n_terms, tl.load(floats_ptr + n_terms + t), BLOCK)
     i = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = (i >= 0) & (i < numel)
     src = tl.load(row + COL_SRC).to(tl.pointer_type(DTYPE))

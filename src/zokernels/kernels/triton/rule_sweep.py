@@ -9,7 +9,7 @@ consecutive stream positions of one tensor, aligned to Philox blocks)."""
 import triton
 import triton.language as tl
 
-from .philox_sweep import _TL_DTYPES, _WIDE, _box_muller, _load_wide, _philox4x32_10, _store_narrow
+from .philox_sweep import _TL_DTYPES, _WIDE, _load_wide, _store_narrow, _tile_combination
 
 # The layout of zokernels/kernels/rule_sweep.py (device_rule_sweep: table columns; ROW, RULE_CODES), which imports
 # this module, and of csrc/rule_sweep.h; the matrix row rule_sweep_ fails bit for bit if they disagree.
@@ -24,33 +24,13 @@ SIGN, ADAM = tl.constexpr(RULE_CODES["sign"]), tl.constexpr(RULE_CODES["adam"])
 def _rule_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms, RULE: tl.constexpr,
                        DTYPE: tl.constexpr, WIDE: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """words: [seed lo, seed hi, (stream lo, stream hi) per term]; floats: [coeff per term, ROW scalars per tensor]."""
-    QUADS: tl.constexpr = BLOCK // 4
     tile = tl.program_id(0).to(tl.int64)
     t = tl.load(tiles_ptr + 2 * tile)
     start = tl.load(tiles_ptr + 2 * tile + 1)  # first element of the tile; may be −3..−1 (block alignment)
     row = table_ptr + N_COLS * t
     numel = tl.load(row + COL_NUMEL)
-    blocks = (tl.load(row + COL_OFFSET) + start) // 4 + tl.arange(0, QUADS).to(tl.int64)
-    lo = blocks.to(tl.uint32)
-    hi = (blocks >> 32).to(tl.uint32)
-    k0 = tl.load(words_ptr).to(tl.uint32)
-    k1 = tl.load(words_ptr + 1).to(tl.uint32)
-    acc0 = tl.zeros([QUADS], dtype=tl.float32)
-    acc1 = tl.zeros([QUADS], dtype=tl.float32)
-    acc2 = tl.zeros([QUADS], dtype=tl.float32)
-    acc3 = tl.zeros([QUADS], dtype=tl.float32)
-    for k in range(n_terms):
-        s_lo = tl.load(words_ptr + 2 + 2 * k).to(tl.uint32)
-        s_hi = tl.load(words_ptr + 3 + 2 * k).to(tl.uint32)
-        coeff = tl.load(floats_ptr + k)
-        r0, r1, r2, r3 = _philox4x32_10(lo, hi, tl.zeros_like(lo) + s_lo, tl.zeros_like(lo) + s_hi, k0, k1)
-        z0, z1 = _box_muller(r0, r1)
-        z2, z3 = _box_muller(r2, r3)
-        acc0 += coeff * z0
-        acc1 += coeff * z1
-        acc2 += coeff * z2
-        acc3 += coeff * z3
-    g = tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), [BLOCK])  # lanes 0, 1, 2, 3 in order
+    first_block = (tl.load(row + COL_OFFSET) + start) // 4
+    g = _tile_combination(first_block, words_ptr, floats_ptr, n_terms, 1.0, BLOCK)  # ×1.0: the coefficient exactly
     i = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = (i >= 0) & (i < numel)
     hyper = floats_ptr + n_terms + ROW * t
