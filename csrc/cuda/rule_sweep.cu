@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../rule_sweep.h"
+#include "storage_io.cuh"
 
 namespace {
 using namespace zokernels;
@@ -18,36 +19,6 @@ constexpr int kThreads = 256;
 constexpr int kTile = 4 * kThreads;
 // Columns of the int64 tensor table (zokernels/kernels/rule_sweep.py): out, src, m, v addresses, numel, offset.
 constexpr int kCols = 6;
-
-// Storage <-> wide value, as in philox_sweep.cu (bf16 rounds to nearest even in integers, like the CPU twin).
-struct F32 {
-  using Storage = float;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-struct F64 {
-  using Storage = double;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-struct F16 {
-  using Storage = uint16_t;
-  __device__ static float load(uint16_t v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-  }
-  __device__ static uint16_t store(float v) {
-    uint16_t h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-  }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  __device__ static float load(uint16_t v) { return bf16_bits_to_float(v); }
-  __device__ static uint16_t store(float v) { return float_to_bf16_bits(v); }
-};
 
 __device__ inline float wide_add(float x, float d) { return __fadd_rn(x, d); }
 __device__ inline double wide_add(double x, float d) { return __dadd_rn(x, static_cast<double>(d)); }
