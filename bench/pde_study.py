@@ -37,7 +37,7 @@ from zokernels.sparsity import density_masks
 
 CSV, FRAMES_CSV, GRAD_CSV = "pde_study.csv", "pde_study_frames.csv", "pde_study_gradients.csv"
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "pde_study.png"
-ORDER = ("src", "non", "zo-sol", "fo-sol")
+ORDER = ("src", "non", "zo-sol", "fo-sparse", "fo-sol")
 
 
 def setting_name(preset: str, steps: int | None) -> str:
@@ -116,7 +116,8 @@ def report(rows: list[dict]) -> None:
         print("| mean ± s.e. (seeds) | " + " | ".join(f"{means[m][0]:.4f} ± {means[m][1]:.4f}" for m in methods)
               + " |")
         pairs = [(a, b) for a, b in (("non", "src"), ("fo-sol", "non"), ("zo-sol", "non"), ("zo-sol", "src"),
-                                     ("zo-sol", "fo-sol")) if a in methods and b in methods]
+                                     ("zo-sol", "fo-sol"), ("zo-sol", "fo-sparse"), ("fo-sparse", "fo-sol"))
+                 if a in methods and b in methods]
         print(f"\n### setting {preset}: paired MAE differences (B − A > 0: A better), per trajectory\n")
         print("| A vs B | " + " | ".join(f"seed {s}" for s in sorted(table)) + " | all pairs | A better on |")
         print("|---" * (len(table) + 3) + "|")

@@ -212,3 +212,18 @@ def test_train_and_evaluate_reports_mae_per_test_trajectory(tmp_path):
             bound = error.numel() * FLOAT32_UNIT_ROUNDOFF * error.mean().item()
             assert abs(results[method][t].item() - error.mean().item()) <= bound
         assert (results[method] > 0).all()
+
+
+def test_fo_sparse_moves_exactly_the_coordinates_zo_sol_estimates(references):
+    from zokernels.apps.pde_train import TrainSettings, train_corrector
+
+    settings = TrainSettings(steps=2, batch_size=2, unroll=2, density=0.2)
+    start = _perturbed_model(hidden=3)
+    moved = {}
+    for method in ("zo-sol", "fo-sparse", "fo-sol"):
+        model = copy.deepcopy(start)
+        train_corrector(method, model, references, _solver(), _twin, settings, torch.Generator().manual_seed(7))
+        moved[method] = torch.cat([(p != q).flatten() for p, q in zip(model.parameters(), start.parameters())])
+    # same windows and the same masks: Adam moves a coordinate iff its gradient (estimate) was ever nonzero
+    assert torch.equal(moved["zo-sol"], moved["fo-sparse"])
+    assert 0 < moved["fo-sparse"].sum() < moved["fo-sol"].sum()

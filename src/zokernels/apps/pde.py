@@ -19,15 +19,16 @@ from .pde_model import Corrector, rollout_batched, stacked_parameters
 from .pde_solver import BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states, reference_trajectories
 from .pde_train import METHODS, TrainSettings, train_corrector
 
-LABELS = {"src": "SRC", "non": "NON", "zo-sol": "ZO-SOL", "fo-sol": "FO-SOL"}
+LABELS = {"src": "SRC", "non": "NON", "zo-sol": "ZO-SOL", "fo-sol": "FO-SOL", "fo-sparse": "FO-SPARSE"}
 
 
 # Options a preset sets (any of them given explicitly wins). "default" is the fast 8x8 run the README and the
 # smoke tests use; "study" is the setting of bench/pde_study.py (docs/apps.md): a 2,914-parameter corrector, 64-step
 # test rollouts, 16-step unrolls, where FO-SOL beats NON on the seeds measured (the default: by ~0.002 MAE).
 PRESETS = {
-    "default": {"frames": 24, "hidden": 4, "steps": 300, "batch_size": 8, "unroll": 8, "density": 0.25},
-    "study": {"frames": 64, "hidden": 16, "steps": 1000, "batch_size": 4, "unroll": 16, "density": 0.03},
+    "default": {"frames": 24, "hidden": 4, "steps": 300, "batch_size": 8, "unroll": 8, "density": 0.25, "lr": 3e-3},
+    "study": {"frames": 64, "hidden": 16, "steps": 1000, "batch_size": 4, "unroll": 16, "density": 0.03,
+              "lr": 1e-3},
 }
 
 
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         values = ", ".join(f"{name} {values[key]}" for name, values in PRESETS.items())
         return f"{text} (preset: {values})"
 
-    add("--methods", default="src,non,zo-sol,fo-sol", help="comma list among src,non,zo-sol,fo-sol")
+    add("--methods", default="src,non,zo-sol,fo-sol",
+        help="comma list among src,non,zo-sol,fo-sol,fo-sparse (FO-SOL's gradient on ZO-SOL's sparse coordinates)")
     add("--preset", choices=tuple(PRESETS), default="default",
         help="defaults of the options marked (preset: ...); an option given explicitly overrides its preset value")
     add("--coarse", type=int, default=8, help="coarse grid cells per side")
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, help=preset_help("batch_size", "training windows per step"))
     add("--unroll", type=int,
         help=preset_help("unroll", "solver steps unrolled per window (NON: pairs per step = B*unroll)"))
-    add("--lr", type=float, default=3e-3, help="Adam learning rate of the corrector (every method)")
+    add("--lr", type=float, help=preset_help("lr", "Adam learning rate of the corrector (every method)"))
     add("--mu", type=float, default=2e-5,
         help="CGE perturbation; the corrections are ~1e-2, so a larger mu is dominated by curvature bias")
     add("--density", type=float,
@@ -147,6 +149,8 @@ def _step_cost(method: str, args: argparse.Namespace, model: Corrector) -> str:
         return f"offline pairs, {args.batch_size * args.unroll} per step (the solver is not in the loop)"
     if method == "fo-sol":
         return f"one rollout of {windows} through the differentiable twin, plus its backward"
+    if method == "fo-sparse":
+        return f"as FO-SOL, the gradient then kept on ZO-SOL's coordinates of the step (density {args.density})"
     coordinates = sum(p.numel() if p.dim() == 1 or args.density >= 1.0 else max(1, round(args.density * p.numel()))
                       for p in model.parameters())
     chunks = -(-coordinates // max(1, args.max_queries - 1))

@@ -2,6 +2,9 @@
 
 - NON: offline, on pairs (P(reference_t), reference_{t+1}) computed once; the solver is never in the loop.
 - FO-SOL: solver in the loop, n unrolled steps, backprop through the differentiable torch twin of the solver.
+- FO-SPARSE (a control, not a method of the paper): FO-SOL's exact gradient kept only on the coordinates ZO-SOL
+  estimates at that step (the same windows and the same density masks, drawn from the same stream), so that
+  ZO-SOL − FO-SPARSE is the cost of the estimate's error and FO-SPARSE − FO-SOL the cost of the sparse budget.
 - ZO-SOL: solver in the loop, n unrolled steps through the black-box PhiFlow solver; gradients by Sparse-CGE.
   The base point and all perturbed coordinates of a chunk are one rollout of Q = 1 + K parameter sets, so every
   solver call carries Q*B states (`zokernels.stacked_cge_step`). `engine="api"` instead calls `zokernels.cge_step`
@@ -20,7 +23,7 @@ from ..estimators.stacked import stacked_cge_step
 from ..sparsity import density_masks
 from .pde_model import Corrector, Step, rollout_loss_batched
 
-METHODS = ("non", "fo-sol", "zo-sol")
+METHODS = ("non", "fo-sol", "fo-sparse", "zo-sol")
 ENGINES = ("batched", "api")
 
 
@@ -84,6 +87,11 @@ def _fo_sol_step(model: Corrector, twin: Step, start: torch.Tensor, targets: tor
     return loss.item()
 
 
+def _keep_masked(model: Corrector, mask: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        p.grad.mul_(mask[name].to(p.grad.dtype))
+
+
 def _non_step(model: Corrector, pairs: tuple[torch.Tensor, torch.Tensor], batch_size: int,
               generator: torch.Generator) -> float:
     inputs, targets = pairs
@@ -120,6 +128,9 @@ def train_corrector(method: str, model: Corrector, references: torch.Tensor, sol
             start, targets = sample_windows(references, settings.batch_size, settings.unroll, generator)
             if method == "fo-sol":
                 loss = _fo_sol_step(model, twin, start, targets)
+            elif method == "fo-sparse":
+                loss = _fo_sol_step(model, twin, start, targets)
+                _keep_masked(model, density_masks(model, settings.density, mask_generator))
             else:
                 loss = _zo_step(model, solver, start, targets, settings, mask_generator)
         optimizer.step()
