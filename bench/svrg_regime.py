@@ -15,19 +15,22 @@ A configuration fixes method, q (directions per step), P (anchor period, the pap
 - plateau: the paper's annealing on loss plateaus, done here as a schedule outside the optimizer (its update rule
   is unchanged): the step losses (StepInfo.loss: the minibatch loss at θ, or the anchor loss on anchor steps) are
   averaged over windows of `budget / 30` forwards; when a window's mean is not 1 % below the best window so far
-  for 2 windows in a row, every group's lr and lr_anchor are halved.
+  for 2 windows in a row, every group's lr and lr_anchor are halved;
+- plateau12: the same with windows of `budget / 12` and any improvement counting (noisy batch-8 tweets losses).
 The evaluation (test accuracy, training loss) is not charged to the budget.
 
 Protocol (digits): for every configuration, each grid point (η2 × η1) is run once with seed 100 on a train /
 validation split of the training set (1 150 / 287) at the full budget; the point with the best mean validation
 accuracy over the last 3 evaluations is kept; then seeds 0, 1, 2 on the test split. Tweets: no tuning (too
-expensive here), the settings are given on the command line (--tweets-configs), seeds 0, 1, 2.
+expensive here), the settings are given on the command line (--tweets-configs), seeds 0, 1, 2. --reuse-tuning
+--tag T runs digits configurations with their tuned rates at another budget, stored as config@T.
 CSV bench/results/svrg_regime.csv: task,method,config,seed,forwards,test_acc,train_loss (a run replaces the rows of
 the (task, config, seed) triples it ran); bench/results/svrg_regime_tuning.csv: the grid. Plot docs/svrg_regime.png.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/svrg_regime.py --task digits_mlp [--configs NAME ...] [--budget N]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/svrg_regime.py --task tweets_minilm --budget 12000 --eval-every 1000
+    OMP_NUM_THREADS=1 .venv/bin/python bench/svrg_regime.py --task tweets_minilm --budget 6000 --seeds 0
     .venv/bin/python bench/svrg_regime.py --from-csv          # tables and plot only
+    OMP_NUM_THREADS=1 .venv/bin/python bench/svrg_regime.py --noise-share    # R = minibatch-noise share (digits)
 """
 from __future__ import annotations
 
@@ -119,6 +122,12 @@ def make_optimizer(task, model, config, lr, lr_anchor, seed, train_idx):
                      anchor_every=config["period"], lr_anchor=lr_anchor, seed=seed)
 
 
+# schedule -> (windows per budget, relative improvement that counts; None: constant lr). plateau12 is for noisy
+# minibatch losses (tweets, batch 8): with 30 windows and 1 % the mean of ~200 batch-8 losses misses the best window
+# by chance once the loss flattens, and MeZO's lr was halved 14 times in 12 000 forwards (a first tweets run).
+SCHEDULES = {"const": (None, 0.0), "plateau": (30, 0.01), "plateau12": (12, 0.0)}
+
+
 class Plateau:
     """Halve every group's lr and lr_anchor when the windowed mean step loss stops improving by 1 % (2 windows)."""
 
@@ -149,13 +158,14 @@ def train_loss(task, model, idx) -> float:
         return sum(task.loss(model, c, "sum").item() for c in torch.split(idx, 64)) / len(idx)
 
 
-def train(task, config, lr, lr_anchor, seed, train_idx, eval_idx, budget, eval_every, loss_idx):
+def train(task, config, lr, lr_anchor, seed, train_idx, eval_idx, budget, eval_every, loss_idx, verbose=False):
     """([(forwards, accuracy on eval_idx, mean loss on loss_idx)] at 0 and at each multiple of eval_every, number
     of plateau cuts)."""
     configure(task, config)
     model = task.model(seed)
     opt = make_optimizer(task, model, config, lr, lr_anchor, seed, train_idx)
-    sched = Plateau(opt, max(1, budget // 30)) if config["schedule"] == "plateau" else None
+    windows, threshold = SCHEDULES[config["schedule"]]
+    sched = Plateau(opt, max(1, budget // windows), threshold=threshold) if windows else None
     batches = torch.Generator().manual_seed(1000 + seed)
 
     def point(used):
@@ -173,6 +183,9 @@ def train(task, config, lr, lr_anchor, seed, train_idx, eval_idx, budget, eval_e
             sched.after_step(loss, used)
         if used >= next_eval or used >= budget:
             curve.append(point(used))
+            if verbose:
+                print(f"    {used} fwd: test acc {curve[-1][1]:.4f}, train loss {curve[-1][2]:.4f}, "
+                      f"lr {opt.param_groups[0]['lr']:.3g}", flush=True)
             while next_eval <= used:
                 next_eval += eval_every
     return curve, sched.cuts if sched else 0
@@ -199,6 +212,15 @@ def tune(task, name, config, budget, eval_every):
     return best, rows
 
 
+def tuned(name: str) -> tuple[float, float | None]:
+    """The best grid point of `name` in the tuning CSV."""
+    rows = [r for r in csv.DictReader(open(TUNE_CSV, newline="")) if r["config"] == name]
+    if not rows:
+        raise ValueError(f"--reuse-tuning: no tuning rows for {name} in {TUNE_CSV}")
+    best = max(rows, key=lambda r: float(r["val_acc_last3"]))
+    return float(best["lr"]), float(best["lr_anchor"]) if best["lr_anchor"] else None
+
+
 def merge_write(path: Path, new: list[dict], key: tuple[str, ...], fields: list[str]) -> list[dict]:
     old = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
     rerun = {tuple(str(r[k]) for k in key) for r in new}
@@ -222,9 +244,10 @@ def curves(rows, task, config):
 
 
 def at_budget(curve, budget):
-    """The last evaluation at or below `budget` forwards (a step can overshoot an evaluation point by < one step)."""
-    pts = [p for p in curve if p[0] <= budget + 200]
-    return pts[-1] if pts else None
+    """The evaluation at `budget` forwards: the first one at or past it, if within 200 forwards (evaluations happen
+    at the first step that crosses a multiple of eval_every, so SVRG's can land up to one anchor step late)."""
+    pts = [p for p in curve if budget <= p[0] < budget + 200]
+    return pts[0] if pts else None
 
 
 def report(rows, task, budgets):
@@ -240,21 +263,33 @@ def report(rows, task, budgets):
             if vals:
                 line.append(f"{b}: {statistics.mean(vals):.3f}±{statistics.pstdev(vals):.3f}")
         print(f"  {name:34s} seeds {sorted(cs)}  " + "  ".join(line))
-    for name in configs:
-        if "svrg" not in name:
-            continue
-        base = name.split("_svrg")[0] + "_mezo"  # the MeZO run of the same parameters and batch (plateau schedule)
-        if base not in configs:
-            continue
-        s, m = curves(rows, task, name), curves(rows, task, base)
-        seeds = sorted(set(s) & set(m))
-        out = []
-        for b in budgets:
-            d = [at_budget(s[k], b)[1] - at_budget(m[k], b)[1] for k in seeds
-                 if at_budget(s[k], b) and at_budget(m[k], b)]
-            if d:
-                out.append(f"{b}: {statistics.mean(d):+.3f}±{statistics.pstdev(d):.3f}")
-        print(f"  Δ {name} − {base}: " + "  ".join(out))
+    for col, metric in ((1, "test accuracy"), (2, "training loss (lower is better; ahead = lower)")):
+        print(f"\n[{task}] Δ {metric}: SVRG − MeZO of the same parameters, batch and tag, paired by seed: "
+              "mean ± std, seeds with SVRG ahead; verdict per budget: wins / loses when every seed agrees, else ties")
+        print("| SVRG configuration | " + " | ".join(f"{b:,} forwards" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for name in configs:
+            head, svrg, rest = name.partition("svrg")
+            base = head + "mezo" + (rest[rest.index("@"):] if "@" in rest else "")
+            if not svrg or base not in configs:
+                continue
+            s, m = curves(rows, task, name), curves(rows, task, base)
+            sign = 1 if col == 1 else -1
+            cells = []
+            for b in budgets:
+                d = [at_budget(s[k], b)[col] - at_budget(m[k], b)[col] for k in sorted(set(s) & set(m))
+                     if at_budget(s[k], b) and at_budget(m[k], b)]
+                ahead, behind = sum(sign * x > 0 for x in d), sum(sign * x < 0 for x in d)
+                verdict = "wins" if ahead == len(d) else "loses" if behind == len(d) else "ties"
+                cells.append(f"{statistics.mean(d):+.3f} ± {statistics.pstdev(d):.3f} ({ahead}/{len(d)}, {verdict})"
+                             if d else "–")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def panel_of(config: str) -> str:
+    """Digits plot panel: parameters_batch, plus the tag of tagged runs (full_b256, full_b256@120k)."""
+    parts = config.split("_")
+    return parts[0] + "_" + parts[1] + (config[config.index("@"):] if "@" in config else "")
 
 
 def plot(rows, path):
@@ -263,8 +298,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["task"], r["config"].split("_")[0] + "_" + r["config"].split("_")[1])
-                                if r["task"] == "digits_mlp" else (r["task"], "bias_norm_head") for r in rows))
+    panels = list(dict.fromkeys((r["task"], panel_of(r["config"])) if r["task"] == "digits_mlp"
+                                else (r["task"], "bias_norm_head") for r in rows))
+    panels.sort(key=lambda p: (p[0] != "digits_mlp", "@" in p[1]))  # digits, digits long runs, then tweets
     cols = min(len(panels), 2 if len(panels) == 4 else 3)
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.8 * rows_n), squeeze=False)
@@ -272,7 +308,7 @@ def plot(rows, path):
         ax.set_visible(False)
     for ax, (task, prefix) in zip(axes.flat, panels):
         names = [c for c in dict.fromkeys(r["config"] for r in rows if r["task"] == task)
-                 if task != "digits_mlp" or c.startswith(prefix + "_")]
+                 if task != "digits_mlp" or panel_of(c) == prefix]
         for name in names:
             cs = list(curves(rows, task, name).values())
             n = min(len(c) for c in cs)
@@ -280,7 +316,7 @@ def plot(rows, path):
             mean = [statistics.mean(c[k][1] for c in cs) for k in range(n)]
             sd = [statistics.pstdev([c[k][1] for c in cs]) for k in range(n)]
             mezo = "mezo" in name
-            line, = ax.plot(xs, mean, label=name.replace(prefix + "_", ""), lw=2 if mezo else 1.3,
+            line, = ax.plot(xs, mean, label=name.replace(prefix.split("@")[0] + "_", ""), lw=2 if mezo else 1.3,
                             ls="--" if name.endswith("const") else "-", color="black" if mezo else None)
             ax.fill_between(xs, [a - s for a, s in zip(mean, sd)], [a + s for a, s in zip(mean, sd)], alpha=0.15,
                             color=line.get_color())
@@ -291,8 +327,38 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("MeZO vs MeZO-SVRG at equal forward passes")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
+
+
+def noise_share(n_batches: int = 200) -> None:
+    """How much of a minibatch gradient is minibatch noise on digits (exact gradients by backprop): R =
+    E_B‖∇f_B − ∇f‖² / ‖∇f‖² over `n_batches` minibatches, full-parameter and head, batch 16 and 256, at the seed-0
+    init and after 300 full-batch gradient steps (lr 0.5). SVRG's control variate can remove at most this part."""
+    task = Digits()
+    idx = task.train_idx
+
+    def grad(model, params, batch):
+        model.zero_grad()
+        task.loss(model, batch).backward()
+        return torch.cat([p.grad.flatten() for p in params]).clone()
+
+    for stage in ("init", "after 300 gradient steps"):
+        model = task.model(0)
+        if stage != "init":
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            for _ in range(300):
+                opt.zero_grad()
+                task.loss(model, idx).backward()
+                opt.step()
+        for name, params in (("full", list(model.parameters())), ("head", list(model[2].parameters()))):
+            full = grad(model, params, idx)
+            for b in (16, 256):
+                gen = torch.Generator().manual_seed(0)
+                dev = [(grad(model, params, idx[torch.randint(0, len(idx), (b,), generator=gen)]) - full).square()
+                       .sum().item() for _ in range(n_batches)]
+                print(f"  {stage:25s} {name} d={full.numel():5d} batch {b:3d}: "
+                      f"R = {sum(dev) / len(dev) / full.square().sum().item():8.3f}", flush=True)
 
 
 def parse_tweets_config(text: str) -> tuple[str, dict, float, float | None]:
@@ -307,26 +373,36 @@ def main(argv=None):
     parser.add_argument("--task", choices=["digits_mlp", "tweets_minilm"], default="digits_mlp")
     parser.add_argument("--configs", nargs="+", default=list(DIGITS), help="digits configurations to run")
     parser.add_argument("--tweets-configs", nargs="+", default=[
-        "mezo:mezo:1:1:0:3e-3:-:const", "svrg_q1_P10_A64:svrg:1:10:64:3e-3:1e-2:plateau"],
+        "mezo:mezo:1:1:0:1e-3:-:plateau12", "svrg_q1_P4_A64:svrg:1:4:64:2.5e-4:1e-3:plateau12"],
         help="name:method:q:period:anchor:lr:lr_anchor:schedule")
-    parser.add_argument("--budget", type=int, default=None, help="forwards per run (digits 24000, tweets 12000)")
+    parser.add_argument("--budget", type=int, default=None, help="forwards per run (digits 24000, tweets 6000)")
     parser.add_argument("--eval-every", type=int, default=None, help="digits 1000, tweets 1000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reuse-tuning", action="store_true", help="digits: take each configuration's learning "
+                        "rates from bench/results/svrg_regime_tuning.csv instead of tuning")
+    parser.add_argument("--tag", default="", help="stored as config@tag (e.g. a longer budget with reused rates)")
+    parser.add_argument("--noise-share", action="store_true",
+                        help="only print the minibatch-noise share R on digits")
     parser.add_argument("--from-csv", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
+    if args.noise_share:
+        return noise_share()
     if not args.from_csv:
         if args.task == "digits_mlp":
             budget, every = args.budget or 24000, args.eval_every or 1000
             task = Digits()
             todo = []
             for name in args.configs:
-                (lr, la), tune_rows = tune(task, name, DIGITS[name], budget, every)
-                merge_write(TUNE_CSV, tune_rows, ("task", "config"), list(tune_rows[0]))
-                todo.append((name, DIGITS[name], lr, la))
+                if args.reuse_tuning:
+                    lr, la = tuned(name)
+                else:
+                    (lr, la), tune_rows = tune(task, name, DIGITS[name], budget, every)
+                    merge_write(TUNE_CSV, tune_rows, ("task", "config"), list(tune_rows[0]))
+                todo.append((name + (f"@{args.tag}" if args.tag else ""), DIGITS[name], lr, la))
         else:
-            budget, every = args.budget or 12000, args.eval_every or 1000
+            budget, every = args.budget or 6000, args.eval_every or 1000
             task = Tweets()
             todo = [parse_tweets_config(t) for t in args.tweets_configs]
         loss_idx = task.train_idx if args.task == "digits_mlp" else task.train_idx[:128]
@@ -335,7 +411,7 @@ def main(argv=None):
             for seed in args.seeds:
                 t0, c0 = time.time(), time.process_time()
                 curve, cuts = train(task, config, lr, la, seed, task.train_idx, task.test_idx, budget, every,
-                                    loss_idx)
+                                    loss_idx, verbose=args.task == "tweets_minilm")
                 new += [{"task": args.task, "method": config["method"], "config": name, "seed": seed, "forwards": f,
                          "test_acc": round(a, 4), "train_loss": round(lo, 4)} for f, a, lo in curve]
                 print(f"  run {name:30s} lr={lr} lr_anchor={la} seed {seed}: test {curve[-1][1]:.4f} at "
@@ -344,8 +420,8 @@ def main(argv=None):
             merge_write(OUT_CSV, new, ("task", "config", "seed"), FIELDS)
     rows = list(csv.DictReader(open(OUT_CSV, newline="")))
     for task in dict.fromkeys(r["task"] for r in rows):
-        report(rows, task, [1200, 3000, 6000, 12000, 24000] if task == "digits_mlp" else
-               [1000, 2000, 4000, 8000, 12000])
+        report(rows, task, [1000, 3000, 6000, 12000, 24000, 48000, 96000] if task == "digits_mlp" else
+               [1000, 2000, 3000, 4000, 6000])
     plot(rows, OUT_PNG)
     print(f"done in {time.time() - start:.0f}s")
 
