@@ -38,6 +38,7 @@ from zokernels.sparsity import density_masks
 CSV, FRAMES_CSV, GRAD_CSV = "pde_study.csv", "pde_study_frames.csv", "pde_study_gradients.csv"
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "pde_study.png"
 ORDER = ("src", "non", "zo-sol", "fo-sparse", "fo-sol")
+COLORS = {"src": "C0", "non": "C1", "zo-sol": "C2", "fo-sparse": "C4", "fo-sol": "C3"}  # one colour per method
 
 
 def setting_name(preset: str, steps: int | None) -> str:
@@ -161,9 +162,11 @@ def plot(rows: list[dict], frame_rows: list[dict], path: Path) -> Path:
                 if r["setting"] == preset and r["method"] == m:
                     per_frame.setdefault(int(r["frame"]), []).append(float(r["mae"]))
             frames = sorted(per_frame)
-            curve_axis.plot(frames, [sum(per_frame[f]) / len(per_frame[f]) for f in frames], label=pde.LABELS[m])
+            curve_axis.plot(frames, [sum(per_frame[f]) / len(per_frame[f]) for f in frames], label=pde.LABELS[m],
+                            color=COLORS[m])
             seeds = sorted(s for s, per in table.items() if m in per)
-            seed_axis.plot(seeds, [_mean_se(table[s][m])[0] for s in seeds], "o-", label=pde.LABELS[m])
+            seed_axis.plot(seeds, [_mean_se(table[s][m])[0] for s in seeds], "o-", label=pde.LABELS[m],
+                           color=COLORS[m])
         curve_axis.set(xlabel="rollout step", ylabel="MAE (mean over seeds, trajectories)",
                        title=f"{preset}: error along the test rollout")
         seed_axis.set(xlabel="seed", ylabel="MAE (mean over 16 trajectories)", title=f"{preset}: per seed")
