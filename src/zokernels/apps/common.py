@@ -18,6 +18,17 @@ import torch
 from tqdm import tqdm
 
 
+def fill_preset(args: Any, presets: dict[str, dict[str, Any]]) -> Any:
+    """Fills every preset-controlled option left unset (None) from `presets[args.preset]`, in place: an option the
+    user gives always wins over the preset. ValueError naming --preset for an unknown name."""
+    if args.preset not in presets:
+        raise ValueError(f"--preset must be one of {list(presets)}, got {args.preset!r}")
+    for option, value in presets[args.preset].items():
+        if getattr(args, option, None) is None:
+            setattr(args, option, value)
+    return args
+
+
 def duration(seconds: float) -> str:
     """Seconds in the unit a reader wants: '4.2 s', '42 s', '7.5 min', '1.8 h', '3.2 days'."""
     if seconds < 90:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CsvLog, TimedProgress, plot_curves, save_checkpoint_atomic
+from .common import CsvLog, TimedProgress, fill_preset, plot_curves, save_checkpoint_atomic
 from .pde_model import Corrector, rollout_batched, stacked_parameters
 from .pde_solver import BurgersConfig, PhiFlowBurgers, burgers_step_torch, random_initial_states, reference_trajectories
 from .pde_train import METHODS, TrainSettings, train_corrector
@@ -70,12 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the preset-controlled options left unset (None) with the chosen preset's values, in place."""
-    if args.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {list(PRESETS)}, got {args.preset!r}")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
+    return fill_preset(args, PRESETS)
 
 
 def _make_data(args: argparse.Namespace, config: BurgersConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,8 @@ from .. import api, distributed, sparsity
 from ..data import augment_crop_flip, cifar_black_fill, iterate_minibatches
 from ..models import RESNET_DEPTHS
 from . import resnet20_setup as setup
-from .common import (CsvLog, TimedProgress, accuracy, duration, load_checkpoint, plot_curves, restore_rng_state,
-                     rng_state, save_checkpoint_atomic)
+from .common import (CsvLog, TimedProgress, accuracy, duration, fill_preset, load_checkpoint, plot_curves,
+                     restore_rng_state, rng_state, save_checkpoint_atomic)
 
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "coordinates", "seconds"]
 EPOCH_FIELDS = ["step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "steps_per_s"]
@@ -103,12 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fills every preset-dependent option the user did not give from --preset."""
-    if args.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {list(PRESETS)}, got {args.preset!r}")
-    for option, value in PRESETS[args.preset].items():
-        if getattr(args, option, None) is None:
-            setattr(args, option, value)
-    return args
+    return fill_preset(args, PRESETS)
 
 
 def _check_args(args: argparse.Namespace) -> None:
