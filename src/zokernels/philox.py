@@ -315,11 +315,8 @@ def device_sweep(backend: str, out: list, sources: list, minus: list | None, off
         block = TRITON_BLOCK
     elif block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-    words = [seed & 0xFFFFFFFF, seed >> 32] + [w for stream, _ in terms32 for w in (stream & 0xFFFFFFFF, stream >> 32)]
-    for dtype in dict.fromkeys(t.dtype for t in out):
-        keep = [i for i, t in enumerate(out) if t.dtype == dtype and t.numel() > 0]
-        if not keep:
-            continue
+    words = native.philox_key_words(seed, [stream for stream, _ in terms32])
+    for dtype, keep in native.dtype_groups(out):
         device = out[keep[0]].device
         rows = [(native.address(out[i]), native.address(sources[i]), native.address(minus[i] if minus else None),
                  out[i].numel(), offsets[i]) for i in keep]

@@ -69,6 +69,19 @@ def address_table(tensors_: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.tensor([address(t) for t in tensors_], dtype=torch.int64, device=device)
 
 
+def philox_key_words(seed: int, streams: list[int]) -> list[int]:
+    """[seed lo, seed hi, (stream lo, stream hi) per stream]: the 32-bit words from which the GPU sweeps (Philox and
+    rule sweeps, cuda and triton) read their Philox key and counters."""
+    return [seed & 0xFFFFFFFF, seed >> 32] + [w for stream in streams for w in (stream & 0xFFFFFFFF, stream >> 32)]
+
+
+def dtype_groups(tensors_: list[torch.Tensor]) -> list[tuple[torch.dtype, list[int]]]:
+    """(dtype, indices of that dtype's non-empty tensors) in first-seen order: the GPU sweeps launch once per group."""
+    groups = [(dtype, [i for i, t in enumerate(tensors_) if t.dtype == dtype and t.numel() > 0])
+              for dtype in dict.fromkeys(t.dtype for t in tensors_)]
+    return [(dtype, keep) for dtype, keep in groups if keep]
+
+
 def cuda_stream(device: torch.device) -> int:
     """The current CUDA stream of `device` as an integer handle (what the _C launchers take)."""
     return torch.cuda.current_stream(device).cuda_stream

@@ -165,11 +165,8 @@ def device_rule_sweep(backend: str, out, sources, offsets, seed, terms32, specs,
     of `block` stream positions; `tiles(rows, device)` is the sweeps' tile table of rows (0, 0, 0, numel, offset)
     (zokernels.philox). Arguments checked by the caller."""
     rule = specs[0].rule
-    words = [seed & 0xFFFFFFFF, seed >> 32] + [w for stream, _ in terms32 for w in (stream & 0xFFFFFFFF, stream >> 32)]
-    for dtype in dict.fromkeys(t.dtype for t in out):
-        keep = [i for i, t in enumerate(out) if t.dtype == dtype and t.numel() > 0]
-        if not keep:
-            continue
+    words = native.philox_key_words(seed, [stream for stream, _ in terms32])
+    for dtype, keep in native.dtype_groups(out):
         device = out[keep[0]].device
         state = [[native.address(s) for s in specs[i].state] + [0, 0] for i in keep]
         table = torch.tensor([(native.address(out[i]), native.address(sources[i]), st[0], st[1], out[i].numel(),
