@@ -95,3 +95,19 @@ def assert_float32_error_within(values, reference, oracle, mask=None, *, factor:
     assert got <= factor * max(allowed, floor), (
         f"{what}: float32 error {got:.3g} vs the float64 oracle exceeds {factor} x the plain float32 error "
         f"{allowed:.3g} (floor {floor:.3g}) measured on this machine")
+
+
+class FailingClosure:
+    """An optimizer closure that behaves like `closure` except at call number `fail_at`, where it raises
+    RuntimeError("closure failed") (how="raise") or returns NaN (how="nan"); `calls` counts the calls."""
+
+    def __init__(self, closure, fail_at: int, how: str):
+        self.closure, self.fail_at, self.how, self.calls = closure, fail_at, how, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            if self.how == "raise":
+                raise RuntimeError("closure failed")
+            return torch.tensor(float("nan"))
+        return self.closure()

@@ -18,6 +18,8 @@ import zokernels.optim as zo
 from zokernels.estimators.common import NonFiniteLossError
 from zokernels.reference.optim_ref import svrg_step_ref, zo_step_ref
 
+from helpers import FailingClosure
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 # name -> (factory(params, q), uses groups)
@@ -199,19 +201,10 @@ def test_failing_closure_leaves_everything_bit_identical(case, how):
     for fail_at in sorted({1, 2, forwards}):
         before_params = [p.detach().clone() for p in params]
         before_state, rng = opt.state_dict(), torch.get_rng_state()
-        calls = []
-
-        def failing():
-            calls.append(1)
-            if len(calls) == fail_at:
-                if how == "raise":
-                    raise RuntimeError("closure failed")
-                return torch.tensor(float("nan"))
-            return closure()
-
+        failing = FailingClosure(closure, fail_at, how)
         with pytest.raises(RuntimeError if how == "raise" else NonFiniteLossError) as error:
             opt.step(failing)
-        assert len(calls) == fail_at
+        assert failing.calls == fail_at
         assert "optimizer state" in (str(error.value) + " ".join(getattr(error.value, "__notes__", [])))
         assert all(torch.equal(p, b) for p, b in zip(params, before_params))
         assert deep_equal(opt.state_dict(), before_state)

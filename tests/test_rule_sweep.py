@@ -18,6 +18,7 @@ from zokernels.estimators.common import NonFiniteLossError
 from zokernels.kernels.rule_sweep import RuleSpec
 from zokernels.philox import rule_sweep_
 from zokernels.optim.core import Directions
+from helpers import FailingClosure
 from test_optim import _profiled_peak, deep_equal, make_problem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -114,19 +115,10 @@ def test_failing_closure_leaves_parameters_and_adam_state_bit_identical(case, ho
         opt.step(closure)
     for fail_at in sorted({1, 2, opt.last_step.forwards}):
         before, state = [p.detach().clone() for p in params], opt.state_dict()
-        calls = []
-
-        def failing():
-            calls.append(1)
-            if len(calls) == fail_at:
-                if how == "raise":
-                    raise RuntimeError("closure failed")
-                return torch.tensor(float("nan"))
-            return closure()
-
+        failing = FailingClosure(closure, fail_at, how)
         with pytest.raises(RuntimeError if how == "raise" else NonFiniteLossError):
             opt.step(failing)
-        assert len(calls) == fail_at
+        assert failing.calls == fail_at
         assert all(torch.equal(p, b) for p, b in zip(params, before))
         assert deep_equal(opt.state_dict(), state)
 
