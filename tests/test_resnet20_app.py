@@ -188,3 +188,33 @@ def test_cost_is_printed_before_training_and_measured_after_the_first_step(tmp_p
                                            (3 * 86400, "3.0 days")])
 def test_duration_units(seconds, text):
     assert duration(seconds) == text
+
+
+def test_mnist_sizes_pad_with_background_or_shrink():
+    from zokernels.apps.resnet20_setup import fit_mnist_size
+
+    images = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    padded = fit_mnist_size(images, 32, background=-0.5)
+    assert padded.shape == (2, 3, 32, 32) and torch.equal(padded[..., 2:30, 2:30], images)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert bool((padded[..., border] == -0.5).all())
+    assert fit_mnist_size(images, 14, background=-0.5).shape == (2, 3, 14, 14)
+    assert fit_mnist_size(images, 28, background=-0.5) is images
+
+
+def test_mnist_cge_and_fo_share_the_start_and_log_evals(tmp_path):
+    """--data mnist (real 28x28 digits, padded to 32): CGE and --fo with one seed start from the same weights, LPR
+    and masks (equal step-0 test loss) and log test accuracy every --eval-every steps."""
+    mnist = ["--data", "mnist", "--image-size", "32", "--train-limit", "64", "--test-limit", "30", "--max-steps",
+             "2", "--eval-every", "1", "--ratios-file", str(tmp_path / "lpr.json")]
+    zo, fo = _run(tmp_path / "zo", *mnist), _run(tmp_path / "fo", *mnist, "--fo")
+    evals = {m: _rows(tmp_path / m / "evals.csv") for m in ("zo", "fo")}
+    assert [int(r["step"]) for r in evals["zo"]] == [0, 1, 2] == [int(r["step"]) for r in evals["fo"]]
+    assert evals["zo"][0]["test_loss"] == evals["fo"][0]["test_loss"]
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in evals["zo"] + evals["fo"])
+    for name, mask in zo["masks"].items():
+        assert torch.equal(mask, fo["masks"][name]), name
+    assert zo["config"]["data"] == "mnist32"
+    with pytest.raises(ValueError, match="--eval-every"):
+        main(SMALL + ["--eval-every", "0", "--out", str(tmp_path / "bad")])

