@@ -2,13 +2,17 @@
 goal ≤ 1.11, i.e. a ZO step at ≥ 90 % of inference throughput). Cases, in the same run on the same batch:
 - mezo_reference_loop: the MeZO code's per-tensor loop (bench/mezo_step.py's mezo_reference_step: torch.normal per
   tensor after manual_seed, four sweeps);
-- zokernels_exact / zokernels_inplace: zokernels.mezo_step's two modes (fused Philox sweeps).
+- zokernels_exact / zokernels_inplace: zokernels.mezo_step's two modes (fused Philox sweeps); the exact mode keeps
+  its two scratch copies in a MeZOWorkspace across steps, as a training loop does (zokernels train lm, ZOTrainer);
+- zokernels_exact_fresh: the exact mode without a workspace, its copies allocated in every step (on a CPU: fresh
+  pages from the OS every step).
 Models: the all-MiniLM-L6-v2 classifier (22.7M parameters, batch 16 × 64 tokens, bench/mezo_step.py's setup) and,
 with --smollm2, SmolLM2-135M-Instruct (134.5M, LLaMA) scoring prompts that end in "It was" by the logits of
 " great" / " terrible" at the last position (logits_to_keep=1), batch 16 × 64 tokens, left padding.
 
-Times are best-of-n CPU time of the calling thread with one intra-op thread (torch.set_num_threads(1)): on the
-shared machine this counts our work, not the other processes' (wall time is recorded too). CSV:
+Times are the CPU time of the calling thread with one intra-op thread (torch.set_num_threads(1)): on the shared
+machine this counts our work, not the other processes' (wall time is recorded too). The forward and the cases are
+called round-robin, n rounds, and both the best and the median of the n calls are reported. CSV:
 bench/results/mezo_throughput.csv with date, CPU flags and load average.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/mezo_throughput.py [--repeats 3] [--smollm2]
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zokernels import mezo_step  # noqa: E402
+from zokernels import MeZOWorkspace, mezo_step  # noqa: E402
 from zokernels.apps import lm  # noqa: E402
 
 from benchlib import append_csv_rows, run_metadata  # noqa: E402
@@ -91,44 +96,49 @@ def smollm2_setup(cache: Path, batch_size: int = 16, length: int = 64):
 
 def measure(name: str, model, batch, loss_fn, repeats: int) -> list[dict]:
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    workspace = MeZOWorkspace()
     cases = {
         "mezo_reference_loop": lambda: mezo_reference_step(model, batch, 1e-3, 1e-7, 1, loss_fn=loss_fn),
-        "zokernels_exact": lambda: mezo_step(model, batch, loss_fn, mu=1e-3, lr=1e-7, seed=1),
+        "zokernels_exact": lambda: mezo_step(model, batch, loss_fn, mu=1e-3, lr=1e-7, seed=1, workspace=workspace),
+        "zokernels_exact_fresh": lambda: mezo_step(model, batch, loss_fn, mu=1e-3, lr=1e-7, seed=1),
         "zokernels_inplace": lambda: mezo_step(model, batch, loss_fn, mu=1e-3, lr=1e-7, seed=1, mode="inplace"),
     }
 
     def forward():
         return loss_fn(model, batch)
 
-    rows = []
     with torch.no_grad():
         forward()
-        cases["zokernels_exact"]()  # warm-up: allocator, oneDNN primitives, scratch pages
-        first = best_times(forward, repeats)
-        steps = {case: best_times(fn, repeats) for case, fn in cases.items()}
-        last = best_times(forward, repeats)  # before and after the steps: same warm state
-    for k, clock_name in enumerate(("cpu", "wall")):
-        fwd = min(first[k], last[k])
-        for case, step in steps.items():
-            rows.append({"model": name, "case": case, "clock": clock_name, "params": n, "repeats": repeats,
-                         "forward_s": fwd, "step_s": step[k], "ratio_step_over_2_forwards": step[k] / (2 * fwd)})
+        cases["zokernels_exact"]()  # warm-up: allocator, oneDNN primitives, the workspace's copies
+        times = interleaved_times({"forward": forward, **cases}, repeats)
+    rows = []
+    for clock_name in ("cpu", "wall"):
+        for summary, pick in (("best", min), ("median", statistics.median)):
+            fwd = pick(times["forward"][clock_name])
+            for case in cases:
+                step = pick(times[case][clock_name])
+                rows.append({"model": name, "case": case, "clock": clock_name, "summary": summary, "params": n,
+                             "repeats": repeats, "forward_s": fwd, "step_s": step,
+                             "ratio_step_over_2_forwards": step / (2 * fwd)})
     return rows
 
 
-def best_times(fn, repeats: int) -> tuple[float, float]:
-    """(min thread CPU time, min wall time) over `repeats` calls: both clocks read around the same calls."""
-    cpu, wall = [], []
+def interleaved_times(fns: dict, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Thread CPU time and wall time of every call, the functions called round-robin (one call of each per round)
+    so that a change of load on the shared machine hits every case alike."""
+    times = {name: {"cpu": [], "wall": []} for name in fns}
     for _ in range(repeats):
-        c, w = time.thread_time(), time.perf_counter()
-        fn()
-        cpu.append(time.thread_time() - c)
-        wall.append(time.perf_counter() - w)
-    return min(cpu), min(wall)
+        for name, fn in fns.items():
+            c, w = time.thread_time(), time.perf_counter()
+            fn()
+            times[name]["cpu"].append(time.thread_time() - c)
+            times[name]["wall"].append(time.perf_counter() - w)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many calls per timing (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds: calls of each case (default 3)")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M-Instruct (slow: ~10 s per step)")
     parser.add_argument("--smollm2-cache", type=Path, default=DEFAULT_CACHE,
                         help=f"where the dequantized SmolLM2 lives (default {DEFAULT_CACHE})")
@@ -150,7 +160,7 @@ def main() -> None:
                 "load_avg_after": " ".join(f"{x:.2f}" for x in load_after)}
     print(f"CPU flags: {metadata['cpu_flags']}; load average (1, 5, 15 min) before {load_before}, after {load_after}")
     for r in rows:
-        print(f"{r['model']:22s} {r['case']:20s} {r['clock']:4s} step {r['step_s']:7.3f} s  forward "
+        print(f"{r['model']:22s} {r['case']:21s} {r['clock']:4s} {r['summary']:6s} step {r['step_s']:7.3f} s  forward "
               f"{r['forward_s']:7.3f} s  step / (2 x forward) = {r['ratio_step_over_2_forwards']:.3f}")
     append_csv_rows("mezo_throughput.csv", [{**metadata, **r} for r in rows])
 

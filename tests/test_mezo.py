@@ -149,6 +149,52 @@ def test_failing_loss_leaves_parameters_bit_identical_in_exact_mode(failure, cal
     assert all(p.data_ptr() != 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_reuses_its_copies_and_changes_no_bit_of_the_steps(dtype):
+    """A MeZOWorkspace only keeps the exact mode's scratch copies alive between steps: the same parameters and
+    projected gradients as steps that allocate their own, and the copies are the same tensors from step to step
+    (reallocated only when the selected parameters change)."""
+    model, (x, y) = small_mlp(dtype), data(dtype)
+    twin = copy.deepcopy(model)
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])  # noqa: E731
+    workspace = zokernels.MeZOWorkspace()
+    addresses = set()
+    for step in range(4):
+        seed = int(torch.randint(0, 2**40, (1,)).item())
+        ours = mezo_step(model, (x, y), loss_fn, mu=1e-2, lr=0.05, seed=seed, q=2, workspace=workspace)
+        plain = mezo_step(twin, (x, y), loss_fn, mu=1e-2, lr=0.05, seed=seed, q=2)
+        assert ours.projected_grads == plain.projected_grads
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+        addresses.add(tuple(t.data_ptr() for t in workspace.plus + workspace.minus))
+    assert len(addresses) == 1 and len(workspace.plus) == len(list(model.parameters()))
+    mezo_step(model, (x, y), loss_fn, lr=0.05, param_filter="bias", workspace=workspace)
+    assert [t.shape for t in workspace.plus] == [p.shape for n, p in model.named_parameters() if "bias" in n]
+    workspace.release()
+    assert workspace.plus == [] and workspace.minus == []
+
+
+def test_failing_step_with_a_workspace_restores_parameters_and_the_next_step_matches():
+    model = Exploding(torch.float32)
+    twin = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(3, 4)
+    workspace = zokernels.MeZOWorkspace()
+
+    def loss(m, batch):
+        out = m(batch).sum()
+        if m.calls == 2:
+            raise RuntimeError("solver crashed")
+        return out
+
+    with pytest.raises(RuntimeError, match="solver crashed"):
+        mezo_step(model, x, loss, lr=0.1, seed=5, workspace=workspace)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ours = mezo_step(model, x, loss, lr=0.1, seed=6, workspace=workspace)
+    plain = mezo_step(twin, x, lambda m, b: m(b).sum(), lr=0.1, seed=6)
+    assert ours.projected_grads == plain.projected_grads
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 def test_svrg_failure_restores_theta_and_anchor():
     model, centers, loss = finite_sum_problem()
     poisoned = {"on": False}
@@ -171,6 +217,7 @@ def test_svrg_failure_restores_theta_and_anchor():
     ({"q": 1.5}, TypeError, "q"), ({"mode": "fast"}, ValueError, "mode"), ({"seed": -3}, ValueError, "seed"),
     ({"param_filter": "heads"}, ValueError, "param_filter"), ({"param_filter": 3}, TypeError, "param_filter"),
     ({"param_filter": lambda n, p: False}, ValueError, "param_filter"),
+    ({"workspace": [torch.zeros(3)]}, TypeError, "workspace"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -13,12 +13,12 @@ from .api import cge_step, rge_step
 from .backends import availability
 from .engine.explain import explain
 from .estimators.common import NonFiniteLossError, StepResult, default_loss
-from .estimators.mezo import mezo_step
+from .estimators.mezo import MeZOWorkspace, mezo_step
 from .estimators.stacked import stacked_cge_step
 from .optim.model_svrg import ZOSVRG
 from . import optim  # zokernels.optim: ZOSGD, ZOAdam, ZOSignSGD, ZOConservative, FZOO, HiZOO, LeZO
 
 __version__ = "0.1.0"
 
-__all__ = ["cge_step", "rge_step", "mezo_step", "stacked_cge_step", "ZOSVRG", "availability", "explain",
-           "NonFiniteLossError", "StepResult", "default_loss", "__version__"]
+__all__ = ["cge_step", "rge_step", "mezo_step", "stacked_cge_step", "MeZOWorkspace", "ZOSVRG", "availability",
+           "explain", "NonFiniteLossError", "StepResult", "default_loss", "__version__"]

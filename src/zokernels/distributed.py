@@ -531,7 +531,8 @@ class PerturbationParallelZO(ReplicatedZO):
     @torch.no_grad()
     def mezo_step(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None, mu: float = 1e-3,
                   lr: float = 1e-6, seed: int | None = None, q: int = 1, param_filter: Any = None, *,
-                  mode: str = "exact", update: bool = True, accumulate: bool = False, backend: str | None = None):
+                  mode: str = "exact", update: bool = True, accumulate: bool = False, backend: str | None = None,
+                  workspace: mezo.MeZOWorkspace | None = None):
         """zokernels.mezo_step(model, batch, ...) with the 2q queries split across the ranks (`batch`: the full
         batch, the same on every rank). A loss that raises or returns NaN on any rank makes every rank raise the
         error of the earliest failing query (the one a single process would have raised), parameters unchanged."""
@@ -545,7 +546,8 @@ class PerturbationParallelZO(ReplicatedZO):
         mu, lr, q, seed = mezo.check_step_args(mu, lr, q, mode, seed)
         mezo.check_update_args(update, accumulate, mode)
         self.agree_on_arguments(q, mu, lr)
-        pert = mezo.Perturbation(model, mezo.select_parameters(model, param_filter), backend, scratch=True)
+        pert = mezo.Perturbation(model, mezo.select_parameters(model, param_filter), backend, scratch=True,
+                                 workspace=workspace)
         self._before_step(model)
         blocks = query_blocks(q, self.world_size)
         start = self.agree_on_rng_state(pert.params[0].device)  # dropout draws rank 0's masks in every rank's queries

@@ -27,7 +27,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("zokernels.hf needs transformers (pip install 'zokernels[lm]')") from error
 
 from .checks import check_choice, check_int, check_mu
-from .estimators.mezo import MODES, mezo_step, select_parameters
+from .estimators.mezo import MODES, MeZOWorkspace, mezo_step, select_parameters
 
 ZO_METHODS = ("mezo",)
 
@@ -112,6 +112,7 @@ class ZOTrainer(Trainer):
                                or math.isinf(lr)):
             raise ValueError(f"lr must be a finite float >= 0 or None, got {lr!r}")
         self.zo_lr = lr
+        self._zo_workspace = MeZOWorkspace()  # the exact mode's scratch copies, allocated once for the run
         self._zo_pending: list[Any] = []
         self._zo_grads: list[float] = []
         self._zo_parallel = None
@@ -164,7 +165,8 @@ class ZOTrainer(Trainer):
         zo_model = self.accelerator.unwrap_model(model)
         lr = self._get_learning_rate()
         kwargs = dict(mu=self.zo_mu, lr=lr, seed=step_seed(self.args.seed, step), q=self.zo_q,
-                      param_filter=self.zo_param_filter, mode=self.zo_mode, backend=self.zo_backend)
+                      param_filter=self.zo_param_filter, mode=self.zo_mode, backend=self.zo_backend,
+                      workspace=self._zo_workspace)
         cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(step_seed(self.args.seed, step, "forward"))

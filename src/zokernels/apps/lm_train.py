@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..estimators.mezo import mezo_step
+from ..estimators.mezo import MeZOWorkspace, mezo_step
 from ..optim.model_svrg import ZOSVRG
 from .common import first_order_step
 from . import lm, lm_prompt
@@ -148,13 +148,13 @@ def build(args: argparse.Namespace):
 
 
 def one_step(args, model, data, optimizer, lr, param_filter, step: int, generator: torch.Generator,
-             loss_fn: Callable = lm.classification_loss):
+             loss_fn: Callable = lm.classification_loss, workspace: MeZOWorkspace | None = None):
     index = torch.randperm(args.n_train, generator=generator)[:args.batch_size]
     batch = lm.take(data["train"], index)
     if args.method == "mezo":
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         result = mezo_step(model, batch, loss_fn, mu=args.mu, lr=lr, seed=seed, param_filter=param_filter,
-                           mode=getattr(args, "mezo_mode", "exact"))
+                           mode=getattr(args, "mezo_mode", "exact"), workspace=workspace)
         return result.loss, result.num_queries
     if args.method == "svrg":
         result = optimizer.step(batch)
@@ -221,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
     log = CsvLog(out / f"{args.method}.csv", lm.FIELDS, resume_after_step=step if args.resume else None)
     rss_before_loop = _resources()["rss_mib"]
     bar = TimedProgress(args.budget_forwards, f"lm {args.method}", unit="forward", initial=forwards)
+    workspace = MeZOWorkspace()  # MeZO's two scratch copies, allocated once for the whole run
     while forwards < args.budget_forwards and (args.max_steps is None or step < args.max_steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss, used = one_step(args, model, data, optimizer, lr, param_filter, step, generator, task.loss)
+        loss, used = one_step(args, model, data, optimizer, lr, param_filter, step, generator, task.loss, workspace)
         step, forwards, elapsed = step + 1, forwards + used, elapsed + time.perf_counter() - start
         cpu_elapsed += time.process_time() - cpu_start
         bar.update(used, loss=f"{loss:.4f}")

@@ -66,14 +66,26 @@ class QueryScope:
     `losses` lists every evaluation's value in order (its length is the step's forward count)."""
 
     def __init__(self, model: torch.nn.Module | None, params: Sequence[torch.Tensor] = (), *,
-                 rng_state: RngState | None = None, restored: str = RESTORED, device: torch.device | None = None):
+                 rng_state: RngState | None = None, restored: str = RESTORED, device: torch.device | None = None,
+                 snapshot_into: Sequence[torch.Tensor] | None = None):
         self.model, self.params, self.restored = model, list(params), restored
         self.device = device or _device_of(model, self.params)
         self._given_rng = rng_state
+        self._snapshot_into = None if snapshot_into is None else list(snapshot_into)
         self.losses: list[float] = []
 
+    def _take_snapshot(self) -> list[torch.Tensor]:
+        """Copies of the parameters, into `snapshot_into` when given (tensors kept by the caller from step to step:
+        on a CPU a fresh copy of a large model is written into fresh pages, a page fault per 4 KiB)."""
+        if self._snapshot_into is None:
+            return [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for copy, p in zip(self._snapshot_into, self.params, strict=True):
+                copy.copy_(p)
+        return self._snapshot_into
+
     def __enter__(self) -> "QueryScope":
-        self.snapshot = [p.detach().clone() for p in self.params]
+        self.snapshot = self._take_snapshot()
         self._parameters_committed = False
         buffers = list(self.model.buffers()) if self.model is not None else []
         self._buffers_at_entry = [(b, b.detach().clone()) for b in buffers]
