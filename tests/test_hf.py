@@ -249,11 +249,9 @@ def zo_trainer(model, args, **kwargs):
                      eval_dataset=TokenDataset(8, seed=6, causal=causal), **kwargs)
 
 
-def test_zotrainer_step_is_exactly_a_mezo_step(tmp_path):
-    """Train mode (BERT's dropout on): each ZOTrainer step equals mezo_step on the same micro-batch, with the
-    scheduled lr, the Philox seed step_seed(seed, k) and the forwards' RNG seeded by step_seed(seed, k, 'forward')."""
-    from zokernels.hf import ZOTrainer, step_seed
-    seen = []
+def recording_trainer(seen: list):
+    """A ZOTrainer class that appends (inputs, lr, global step) to `seen` before each training step."""
+    from zokernels.hf import ZOTrainer
 
     class Recording(ZOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -261,6 +259,15 @@ def test_zotrainer_step_is_exactly_a_mezo_step(tmp_path):
                          self.state.global_step))
             return super().training_step(model, inputs, num_items_in_batch)
 
+    return Recording
+
+
+def test_zotrainer_step_is_exactly_a_mezo_step(tmp_path):
+    """Train mode (BERT's dropout on): each ZOTrainer step equals mezo_step on the same micro-batch, with the
+    scheduled lr, the Philox seed step_seed(seed, k) and the forwards' RNG seeded by step_seed(seed, k, 'forward')."""
+    from zokernels.hf import step_seed
+    seen = []
+    Recording = recording_trainer(seen)
     model = tiny_bert()
     initial = copy.deepcopy(model)
     trainer = Recording(model=model, args=training_args(tmp_path, lr_scheduler_type="linear"),

@@ -134,16 +134,9 @@ TRAINER_STEPS = 3
 
 def _trainer_phase(out_dir: str) -> dict:
     """ZOTrainer on a tiny BERT (train mode: dropout on), per-device batch 2, on the process group above."""
-    from test_hf import TokenDataset, tiny_bert, training_args
-    from zokernels.hf import ZOTrainer
+    from test_hf import TokenDataset, recording_trainer, tiny_bert, training_args
     seen = []
-
-    class Recording(ZOTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            seen.append(({k: v.clone() for k, v in inputs.items()}, self._get_learning_rate(),
-                         self.state.global_step))
-            return super().training_step(model, inputs, num_items_in_batch)
-
+    Recording = recording_trainer(seen)
     model = tiny_bert()
     trainer = Recording(model=model, args=training_args(os.path.join(out_dir, "trainer"), max_steps=TRAINER_STEPS,
                                                         per_device_train_batch_size=2, save_strategy="no"),
