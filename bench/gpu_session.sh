@@ -44,6 +44,9 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 120"
 
   phase "bench: MeZO on the GPU (random-init SmolLM2-135M and Llama-1B shapes, fp32/bf16)"
   timeout "$(limit 120)" python3 bench/mezo_gpu.py --repeats 5 --drift-steps 10 --dtypes bfloat16
+  # the torch backend with GPU-sized Philox chunks (kernels/philox_torch.py DEVICE_CHUNK_BLOCKS; was 4.87 s per step)
+  timeout "$(limit 60)" python3 bench/mezo_gpu.py --models smollm2-135m --dtypes float32 --backends torch,cuda \
+    --repeats 3 --drift-steps 1
 
   phase "bench: Philox sweeps (cuda, triton) and CGE kernel ops on ResNet-20 shapes"
   timeout "$(limit 60)" python3 bench/philox_sweep.py --repeats 5

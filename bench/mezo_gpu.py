@@ -150,8 +150,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--drift-steps", type=int, default=20)
     parser.add_argument("--backends", default="cuda,triton",
-                        help="zokernels backends to time (torch: the torch-native Philox, 4.9 s per step for the "
-                             "135M shape on an H200: add it only for small shapes)")
+                        help="zokernels backends to time (torch: the torch-native Philox; 4.9 s per step for the "
+                             "135M shape on an H200 with its former 64K-block chunks)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of this script (bench/mezo_throughput.py measures CPUs)")
     args = parser.parse_args()

@@ -421,7 +421,7 @@ def main(argv=None):
     rows = list(csv.DictReader(open(OUT_CSV, newline="")))
     for task in dict.fromkeys(r["task"] for r in rows):
         report(rows, task, [1000, 3000, 6000, 12000, 24000, 48000, 96000] if task == "digits_mlp" else
-               [1000, 2000, 3000, 4000, 6000])
+               [1000, 2000, 3000, 4000, 6000, 12000])
     plot(rows, OUT_PNG)
     print(f"done in {time.time() - start:.0f}s")
 

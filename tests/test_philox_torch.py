@@ -99,10 +99,13 @@ def test_sqrt_rn_is_correctly_rounded():
     np.testing.assert_array_equal(_bits(philox_torch.sqrt_rn(torch.from_numpy(x))), _bits(np.sqrt(x)))
 
 
-def test_results_do_not_depend_on_the_chunking(monkeypatch):
-    whole = philox_torch.philox_normal_torch(10_001, 3, 4, 4097)
-    monkeypatch.setattr(philox_torch, "CHUNK_BLOCKS", 7)
-    assert torch.equal(philox_torch.philox_normal_torch(10_001, 3, 4, 4097), whole)
+@pytest.mark.parametrize("chunk, n", [(7, 10_001),
+                                      (philox_torch.DEVICE_CHUNK_BLOCKS, 3 * 4 * philox_torch.CHUNK_BLOCKS + 9)])
+def test_results_do_not_depend_on_the_chunking(monkeypatch, chunk, n):
+    """An odd small chunk, and the GPU's (one chunk here where the CPU's takes four), give the same z."""
+    whole = philox_torch.philox_normal_torch(n, 3, 4, 4097)
+    monkeypatch.setattr(philox_torch, "CHUNK_BLOCKS", chunk)
+    assert torch.equal(philox_torch.philox_normal_torch(n, 3, 4, 4097), whole)
     for start, stop in [(0, 1), (1, 6), (3, 4_000), (9_998, 10_001)]:
         assert torch.equal(philox_torch.philox_normal_torch(stop - start, 3, 4, 4097 + start), whole[start:stop])
 
