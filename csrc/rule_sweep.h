@@ -61,14 +61,4 @@ ZK_HOST_DEVICE float with_decay(float delta, W x, const float* row) {
   return row[0] == 0.0f ? delta : zk_add(delta, decay_term(x, row[1]));
 }
 
-// fp32 <-> bf16 bits, round to nearest even in integers (NaN stays a quiet NaN): the C++ and CUDA sides alike.
-ZK_HOST_DEVICE float bf16_bits_to_float(uint16_t h) {
-  return zk_bits_float(static_cast<int32_t>(static_cast<uint32_t>(h) << 16));
-}
-ZK_HOST_DEVICE uint16_t float_to_bf16_bits(float f) {
-  const uint32_t bits = static_cast<uint32_t>(zk_float_bits(f));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 }  // namespace zokernels

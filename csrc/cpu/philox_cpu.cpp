@@ -13,9 +13,13 @@
 #endif
 
 #include "../philox.h"
+#include "storage_cpu.h"
 
 namespace zokernels {
 namespace {
+
+using storage::BFloatBits;
+using storage::HalfBits;
 
 // Work is split into chunks that never straddle a tensor; each element's value depends only on
 // (seed, stream, offset + i), so the chunk size and thread count cannot change results.
@@ -156,82 +160,27 @@ void for_each_batch(uint64_t seed, const StreamTerm* terms, int n_terms, uint64_
   }
 }
 
-float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// IEEE binary16 through the compiler's _Float16: conversions round to nearest even (F16C / AVX512-FP16 or soft).
-float half_to_float(uint16_t h) {
-  _Float16 v;
-  std::memcpy(&v, &h, 2);
-  return static_cast<float>(v);
-}
-
-uint16_t float_to_half(float f) {
-  const _Float16 v = static_cast<_Float16>(f);
-  uint16_t h;
-  std::memcpy(&h, &v, 2);
-  return h;
-}
-
-// Storage type T <-> fp32 (fp64 is widened instead: the sum is formed in fp64).
-template <typename T> struct Codec;
-template <> struct Codec<float> {
-  using Wide = float;
-  static float load(float v) { return v; }
-  static float store(float v) { return v; }
-};
-template <> struct Codec<double> {
-  using Wide = double;
-  static double load(double v) { return v; }
-  static double store(double v) { return v; }
-};
-struct Half { uint16_t bits; };
-struct BFloat { uint16_t bits; };
-template <> struct Codec<Half> {
-  using Wide = float;
-  static float load(Half v) { return half_to_float(v.bits); }
-  static Half store(float v) { return Half{float_to_half(v)}; }
-};
-template <> struct Codec<BFloat> {
-  using Wide = float;
-  static float load(BFloat v) { return bf16_to_float(v.bits); }
-  static BFloat store(float v) { return BFloat{float_to_bf16(v)}; }
-};
-
 // out[j] = src[j] + d[j] (and minus[j] = src[j] - d[j]) for one batch; the branch on `minus` stays outside the
 // element loops so that they vectorize.
 template <typename T>
 void apply_batch(const T* src, const float* d, int64_t n, T* out, T* minus) {
-  using C = Codec<T>;
-  using W = typename C::Wide;
+  using W = storage::Wide<T>;
   if (minus) {
     for (int64_t j = 0; j < n; ++j) {
-      const W x = C::load(src[j]), dj = static_cast<W>(d[j]);
-      out[j] = C::store(x + dj);
-      minus[j] = C::store(x - dj);
+      const W x = storage::load(src[j]), dj = static_cast<W>(d[j]);
+      out[j] = storage::store<T>(x + dj);
+      minus[j] = storage::store<T>(x - dj);
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) out[j] = C::store(C::load(src[j]) + static_cast<W>(d[j]));
+    for (int64_t j = 0; j < n; ++j) out[j] = storage::store<T>(storage::load(src[j]) + static_cast<W>(d[j]));
   }
 }
 
 // fp16: without F16C the _Float16 conversions are library calls (~18 ns/element); the x86-64-v3 clone (AVX2 + F16C)
 // turns them into vcvtph2ps / vcvtps2ph, which round the same way (to nearest even).
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void apply_batch_half(const Half* src, const float* d, int64_t n, Half* out, Half* minus) {
-  apply_batch<Half>(src, d, n, out, minus);
+void apply_batch_half(const HalfBits* src, const float* d, int64_t n, HalfBits* out, HalfBits* minus) {
+  apply_batch<HalfBits>(src, d, n, out, minus);
 }
 
 template <typename T>
@@ -241,7 +190,7 @@ void sweep_chunk(const Chunk& c, const TensorView& t, uint64_t seed, const Strea
   T* minus = static_cast<T*>(t.minus);
   for_each_batch(seed, terms, n_terms, t.offset, c.begin, c.end, [&](int64_t i0, const float* d, int64_t n) {
     T* m = minus ? minus + i0 : nullptr;
-    if constexpr (std::is_same_v<T, Half>) apply_batch_half(src + i0, d, n, out + i0, m);
+    if constexpr (std::is_same_v<T, HalfBits>) apply_batch_half(src + i0, d, n, out + i0, m);
     else apply_batch<T>(src + i0, d, n, out + i0, m);
   });
 }
@@ -315,8 +264,8 @@ void philox_axpy_multi_cpu(const std::vector<TensorView>& tensors, uint64_t seed
     switch (t.dtype) {
       case DType::kFloat32: sweep_chunk<float>(c, t, seed, term_ptr, n_terms); break;
       case DType::kFloat64: sweep_chunk<double>(c, t, seed, term_ptr, n_terms); break;
-      case DType::kFloat16: sweep_chunk<Half>(c, t, seed, term_ptr, n_terms); break;
-      case DType::kBFloat16: sweep_chunk<BFloat>(c, t, seed, term_ptr, n_terms); break;
+      case DType::kFloat16: sweep_chunk<HalfBits>(c, t, seed, term_ptr, n_terms); break;
+      case DType::kBFloat16: sweep_chunk<BFloatBits>(c, t, seed, term_ptr, n_terms); break;
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "../rule_sweep.h"
+#include "storage_cpu.h"
 
 namespace zokernels {
 namespace {
@@ -15,27 +16,10 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kParallelMin = 1 << 16;
 
-// Storage <-> wide value (fp32; fp64 stays fp64). fp16 through _Float16 (round to nearest even), bf16 in integers.
-struct HalfBits { uint16_t bits; };
-struct BFloatBits { uint16_t bits; };
-inline float load(float v) { return v; }
-inline double load(double v) { return v; }
-inline float load(HalfBits v) {
-  _Float16 h;
-  std::memcpy(&h, &v.bits, 2);
-  return static_cast<float>(h);
-}
-inline float load(BFloatBits v) { return bf16_bits_to_float(v.bits); }
-template <typename T> T store(decltype(load(T{})) w);
-template <> float store<float>(float w) { return w; }
-template <> double store<double>(double w) { return w; }
-template <> HalfBits store<HalfBits>(float w) {
-  const _Float16 h = static_cast<_Float16>(w);
-  HalfBits out;
-  std::memcpy(&out.bits, &h, 2);
-  return out;
-}
-template <> BFloatBits store<BFloatBits>(float w) { return BFloatBits{float_to_bf16_bits(w)}; }
+using storage::BFloatBits;
+using storage::HalfBits;
+using storage::load;
+using storage::store;
 
 // The sink of one batch: elements i0 .. i0 + n of the tensor, g[j] their combination.
 template <typename T, int Rule>

@@ -1,6 +1,6 @@
 // Storage <-> wide value of the CUDA sweeps (philox_sweep.cu, rule_sweep.cu): one struct per dtype code of
 // zokernels/kernels/native.py. bf16 moves as uint16 bits and rounds to nearest even in integers (NaN stays a quiet
-// NaN), exactly like the CPU (float_to_bf16) and Triton (_store_narrow) paths; fp16 converts with the PTX
+// NaN), exactly like the CPU (cpu/storage_cpu.h) and Triton (_store_narrow) paths; fp16 converts with the PTX
 // round-to-nearest instruction.
 #pragma once
 
