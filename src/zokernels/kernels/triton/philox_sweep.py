@@ -148,7 +148,8 @@ def _load_wide(ptrs, mask, WIDE: tl.constexpr, BF16_BITS: tl.constexpr):
 def _store_narrow(ptrs, value, mask, DTYPE: tl.constexpr, BF16_BITS: tl.constexpr):
     if BF16_BITS:
         # fp32 -> bf16 round to nearest even in integers: the interpreter's cast truncates, the GPU's rounds; this
-        # is the same on both (and equals the C++ storage::store<BFloatBits> in csrc/cpu/storage_cpu.h). NaN stays a quiet NaN.
+        # is the same on both (and equals the C++ storage::store<BFloatBits>, csrc/cpu/storage_cpu.h). NaN stays
+        # a quiet NaN.
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nan = (bits & 0x7FFFFFFF) > 0x7F800000
