@@ -1,13 +1,14 @@
 """The fused rule sweep (philox.rule_sweep_) against the materialized update it replaces, on the CPU, same run.
 
-For ZOAdam, ZOSignSGD (each with weight decay) and ZOSGD with weight decay, one optimizer update (the call
+For ZOAdam, ZOSignSGD (each with weight decay), ZOSGD with weight decay, and the dense-momentum rules (ZOSGD with
+momentum 0.9 and weight decay, ZOSignSGD with momentum 0.9), one optimizer update (the call
 `ZOOptimizer._write_update` after the queries: q directions, every tensor active) is timed with the rule's fused
 sweep and with `rule.fuse = False` (ĝ materialized per tensor in fp32, then the rule in torch ops), alternating, best
 of --repeats, in CPU time of this thread (OMP_NUM_THREADS=1: one core, robust to other processes). Also the peak of
 allocated-minus-freed bytes during the update (torch.profiler memory events): the fp32 buffers the fused path no
 longer needs. Parameters: MiniLM-L6-shaped fp32 / bf16 tensors (22.6 M elements; --small: every dimension / 16).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/rule_sweep.py [--small] [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rule_sweep.py [--small] [--repeats 5] [--methods NAME ...]
 
 Rows are appended to bench/results/rule_sweep.csv."""
 from __future__ import annotations
@@ -35,6 +36,8 @@ METHODS = {
     "zoadam_wd": lambda p: zo.ZOAdam(p, lr=1e-3, weight_decay=0.01, seed=1, backend="cpu"),
     "zosign_wd": lambda p: zo.ZOSignSGD(p, lr=1e-3, weight_decay=0.01, seed=1, backend="cpu"),
     "zosgd_wd": lambda p: zo.ZOSGD(p, lr=1e-3, weight_decay=0.01, seed=1, backend="cpu"),
+    "zosgd_momentum_wd": lambda p: zo.ZOSGD(p, lr=1e-3, momentum=0.9, weight_decay=0.01, seed=1, backend="cpu"),
+    "zosign_momentum": lambda p: zo.ZOSignSGD(p, lr=1e-3, momentum=0.9, seed=1, backend="cpu"),
 }
 
 
@@ -78,14 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="every dimension / 16 (a quick check)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args(argv)
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         for dtype in (torch.float32, torch.bfloat16):
             for q in (1, 4):
                 row = measure(method, dtype, q, args.small, args.repeats)
                 rows.append(row)
-                print(f"{method:10s} {row['dtype']:8s} q={q}: fused {row['fused_cpu_s']:.4f} s, materialized "
+                print(f"{method:17s} {row['dtype']:8s} q={q}: fused {row['fused_cpu_s']:.4f} s, materialized "
                       f"{row['materialized_cpu_s']:.4f} s ({row['speedup']:.2f}x); peak extra bytes "
                       f"{row['fused_peak_bytes']} vs {row['materialized_peak_bytes']}", flush=True)
     if not args.small:

@@ -277,10 +277,13 @@ def memory_table() -> list[dict]:
         opt.step(closure)  # warm-up: lazily created state (Adam moments, momentum buffers) exists
         held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-        # the restore copies kept between steps (LeZO's, for its last active set: when a step picks another set
-        # the profiler sees the new copies but not the old ones freed, so that step counts both)
-        held += sum(c.numel() * c.element_size() for c in opt._restore_copies)
-        step_peak = max(profiled_peak(lambda: opt.step(closure)) for _ in range(2))
+        # the restore copies kept between steps are dropped before each measured step, so that the step allocates
+        # its own where the profiler sees them (it cannot see the free of a block allocated before it started)
+        def fresh_step():
+            opt._restore_copies, opt._restore_key = [], None
+            return profiled_peak(lambda: opt.step(closure))
+
+        step_peak = max(fresh_step() for _ in range(2))
         formula = opt.memory_formula()
         measured = held + step_peak - inference
         rows.append({"method": method, "params": numel, "dtype": "float32",

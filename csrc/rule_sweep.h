@@ -12,12 +12,19 @@
 namespace zokernels {
 
 // Rule codes (zokernels/kernels/rule_sweep.py RULES) and the per-tensor row of fp32 scalars they read.
-enum RuleCode : int { kRuleLinear = 0, kRuleSign = 1, kRuleAdam = 2 };
+enum RuleCode : int { kRuleLinear = 0, kRuleSign = 1, kRuleAdam = 2, kRuleMomentum = 3, kRuleSignMomentum = 4 };
+constexpr int kRuleLast = kRuleSignMomentum;
 // Row: [has_decay (0 or 1), decay = fl32(-lr * wd), then the rule's scalars]
 //   sign: step = fl32(-lr)
 //   adam: beta1, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^k), eps, step = fl32(-lr / (1 - beta1^k))
+//   momentum (SGD, dampening 0): beta, first (1 on the tensor's first step: m = g), step = fl32(-lr)
+//   sign_momentum (signum): beta, 1 - beta, step = fl32(-lr)
 constexpr int kRuleRow = 9;
-constexpr int kRuleStates = 2;  // fp32 state tensors per tensor (adam: m, v; the others none)
+
+// fp32 state tensors per tensor: adam m, v; the momentum rules m; the others none.
+ZK_HOST_DEVICE constexpr int rule_states(int rule) {
+  return rule == kRuleAdam ? 2 : (rule == kRuleMomentum || rule == kRuleSignMomentum) ? 1 : 0;
+}
 
 #if defined(__CUDA_ARCH__)
 ZK_HOST_DEVICE float zk_div(float a, float b) { return __fdiv_rn(a, b); }
@@ -31,10 +38,20 @@ ZK_HOST_DEVICE float zk_sign(float g) {
   return static_cast<float>(static_cast<int>(g > 0.0f) - static_cast<int>(g < 0.0f));
 }
 
-// The rule's step for one element; m and v point at its state (adam) and are updated.
+// The rule's step for one element; m and v point at its state (adam: both; the momentum rules: m) and are updated.
 template <int Rule>
 ZK_HOST_DEVICE float rule_delta(float g, const float* row, float* m, float* v) {
   if (Rule == kRuleSign) return zk_mul(zk_sign(g), row[2]);
+  if (Rule == kRuleMomentum) {
+    const float m_new = row[3] != 0.0f ? g : zk_add(zk_mul(*m, row[2]), g);
+    *m = m_new;
+    return zk_mul(m_new, row[4]);
+  }
+  if (Rule == kRuleSignMomentum) {
+    const float m_new = zk_add(zk_mul(*m, row[2]), zk_mul(g, row[3]));
+    *m = m_new;
+    return zk_mul(zk_sign(m_new), row[4]);
+  }
   if (Rule == kRuleAdam) {
     const float m_new = zk_add(zk_mul(*m, row[2]), zk_mul(g, row[3]));
     const float v_new = zk_add(zk_mul(*v, row[4]), zk_mul(zk_mul(g, g), row[5]));

@@ -403,15 +403,29 @@ def _rule_scalars(rule: str, g) -> tuple[float, ...]:
     if rule == "adam":
         beta1, beta2, k = r(0.5, 0.99), r(0.9, 0.9999), int(torch.randint(1, 6, (1,), generator=g))
         return (beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2 ** k) ** 0.5, 1e-8, -lr / (1 - beta1 ** k))
+    if rule == "momentum":  # a tensor's first step (m = g) or a later one, drawn
+        return (r(0.5, 0.99), float(bool(torch.rand(1, generator=g) < 0.3)), -lr)
+    if rule == "sign_momentum":
+        beta = r(0.5, 0.99)
+        return (beta, 1 - beta, -lr)
+    return ()
+
+
+def _rule_state(rule: str, n: int, g) -> tuple[torch.Tensor, ...]:
+    """Fresh fp32 state of a rule for a tensor of n elements (Adam: m and a non-negative v)."""
+    if rule == "adam":
+        return torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01
+    if rule in ("momentum", "sign_momentum"):
+        return (torch.randn(n, generator=g) * 0.1,)
     return ()
 
 
 def rule_sweep_samples(dtype, g) -> list[Sample]:
     """Every rule on the sweep geometries (sizes around the tiles, offsets mod 4, the 2^32 block carry), each tensor
-    with or without weight decay (fresh); Adam with fresh moments. Also no terms at all (g = 0: sign(0) = 0, Adam
-    decays its moments) and linear without weight decay (the perturbation sweep it delegates to)."""
+    with or without weight decay (fresh); Adam and the momentum rules with fresh state. Also no terms at all (g = 0:
+    sign(0) = 0, Adam decays its moments) and linear without weight decay (the perturbation sweep it delegates to)."""
     out = []
-    for rule in ("linear", "sign", "adam"):
+    for rule in ("linear", "sign", "adam", "momentum", "sign_momentum"):
         for sizes, shift, n_terms in [([1, 2047, 2048, 2049, 97], 3, 3), ([1023, 1025, 5], 2**34 - 1500, 1),
                                       ([int(torch.randint(1, 3000, (1,), generator=g))],
                                        int(torch.randint(0, 2**40, (1,), generator=g)), 2), ([7, 300], 1, 0)]:
@@ -421,8 +435,7 @@ def rule_sweep_samples(dtype, g) -> list[Sample]:
             terms = terms[:n_terms]
             decays = [None if bool(torch.rand(1, generator=g) < 0.4) else -float(torch.rand(1, generator=g)) * 0.01
                       for _ in sizes]
-            state = [(torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01) if rule == "adam"
-                     else () for n in sizes]
+            state = [_rule_state(rule, n, g) for n in sizes]
             kwargs = dict(rule=rule, hyper=[_rule_scalars(rule, g) for _ in sizes], decay=decays, state=state)
             out.append(Sample((sources, offsets, seed, terms), kwargs,
                               f"{rule}: sizes {sizes} offsets {offsets} seed {seed} terms {terms} decay {decays}"))

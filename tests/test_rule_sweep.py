@@ -1,10 +1,11 @@
-"""The fused rule sweep in zokernels.optim (kernels/rule_sweep.py): ZOSignSGD (no momentum), ZOAdam and weight decay
-on the gaussian basis update every tensor in one Philox sweep, ĝ never materialized. The kernel itself is checked
+"""The fused rule sweep in zokernels.optim (kernels/rule_sweep.py): ZOSGD and ZOSignSGD (with or without a dense
+momentum buffer), ZOAdam and weight decay on the gaussian basis update every tensor in one Philox sweep, ĝ never
+materialized. The kernel itself is checked
 against its numpy twin on every backend in tests/test_kernel_matrix.py (row rule_sweep_); here:
 - the fused update equals the materialized one (rule.fuse = False: ĝ per tensor, the rule's torch `delta`) bit for
   bit, parameters and fp32 state, in fp32/fp16/bf16/fp64, q = 1 and q > 1, with groups, per-group lr and weight
   decay and LeZO sampling; the fused optimizer never calls the materialized code;
-- a failing closure leaves parameters and Adam state bit-identical on the fused path;
+- a failing closure leaves parameters and Adam / momentum state bit-identical on the fused path;
 - the fused path's extra memory is the restore copy + state + RNG states, exactly (no fp32 ĝ buffer);
 - bad arguments are refused with the argument named, before anything is written.
 """
@@ -40,6 +41,10 @@ CASES = {  # name -> factory(params, q, backend)
                                               backend=b),
     "conservative_sign_wd": lambda p, q, b: zo.ZOConservative(p, lr=0.3, mu=0.02, q=q, weight_decay=0.05, sign=True,
                                                               seed=36, backend=b),
+    "sgd_momentum_groups_lezo": lambda p, q, b: zo.ZOSGD(_grouped(p), lr=0.05, mu=0.02, q=q, momentum=0.9,
+                                                         layers_per_step=1, seed=37, backend=b),
+    "sign_momentum_wd": lambda p, q, b: zo.ZOSignSGD(p, lr=0.05, mu=0.02, q=q, momentum=0.8, weight_decay=0.1,
+                                                     seed=38, backend=b),
 }
 
 
@@ -84,14 +89,14 @@ def _assert_same(fused, materialized):
 def test_fused_update_equals_materialized_bitwise(case, q, dtype, monkeypatch):
     fused = _run(case, q, DTYPES[dtype], None, True, monkeypatch=monkeypatch)
     materialized = _run(case, q, DTYPES[dtype], None, False)
-    if case.startswith(("sign", "adam", "conservative")):  # SGD's materialized path needs no rule delta
+    if not case.startswith("sgd_wd"):  # SGD's linear materialized path needs no rule delta
         assert materialized[2]["delta"] > 0, "the materialized twin did not materialize"
     assert fused[1].transient_buffers() == 0 < materialized[1].transient_buffers()
     _assert_same(fused, materialized)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", ["adam_groups_lezo", "sign_wd_forward"])
+@pytest.mark.parametrize("case", ["adam_groups_lezo", "sign_wd_forward", "sgd_momentum_groups_lezo"])
 def test_fused_update_on_other_backends_equals_materialized(case, backend, monkeypatch):
     """The sweep backends of the optimizer (cpu above; torch, and Triton in the interpreter) agree bit for bit."""
     status = backends.availability()[backend]
@@ -106,7 +111,8 @@ def test_fused_update_on_other_backends_equals_materialized(case, backend, monke
 
 
 @pytest.mark.parametrize("how", ["raise", "nan"])
-@pytest.mark.parametrize("case", ["adam_groups_lezo", "adam", "sign_wd_forward"])
+@pytest.mark.parametrize("case", ["adam_groups_lezo", "adam", "sign_wd_forward", "sgd_momentum_groups_lezo",
+                                  "sign_momentum_wd"])
 def test_failing_closure_leaves_parameters_and_adam_state_bit_identical(case, how, monkeypatch):
     _, params, _, closure = make_problem(torch.float32)
     opt = CASES[case](params, 2, None)
@@ -124,7 +130,9 @@ def test_failing_closure_leaves_parameters_and_adam_state_bit_identical(case, ho
 
 
 @pytest.mark.parametrize("make", [lambda g: zo.ZOAdam(g, lr=1e-3, weight_decay=0.01),
-                                  lambda g: zo.ZOSignSGD(g, lr=1e-3, weight_decay=0.01)])
+                                  lambda g: zo.ZOSignSGD(g, lr=1e-3, weight_decay=0.01),
+                                  lambda g: zo.ZOSGD(g, lr=1e-3, momentum=0.9, weight_decay=0.01),
+                                  lambda g: zo.ZOSignSGD(g, lr=1e-3, momentum=0.9)])
 def test_fused_extra_memory_is_copy_state_and_rng_exactly(make):
     """No fp32 ĝ (or Δ) buffer: the step's peak extra memory is the restore copy + state + RNG states, as the
     formula now states (transient bound 0); the materialized path of the same optimizer allocates more."""
@@ -154,6 +162,19 @@ def test_fused_extra_memory_is_copy_state_and_rng_exactly(make):
     assert extra() > formula["total_bound"]
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: zo.ZOSGD([{"params": p[:2], "momentum": 0.0}, {"params": p[2:]}], lr=0.05, momentum=0.9),
+    lambda p: zo.ZOSignSGD([{"params": p[:2], "momentum": 0.5}, {"params": p[2:]}], lr=0.05)])
+def test_groups_mixing_momentum_and_none_take_the_materialized_path(make):
+    """One sweep runs one rule: groups with and without a dense momentum buffer are not swept (and still step)."""
+    _, params, _, closure = make_problem(torch.float32)
+    opt = make(params)
+    before = [p.detach().clone() for p in params]
+    assert not opt.rule.sweepable(opt) and opt.transient_buffers() > 0
+    opt.step(closure)
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))
+
+
 def _sweep_args(rule="adam", n=(5, 7)):
     out = [torch.zeros(k) for k in n]
     sources = [torch.randn(k) for k in n]
@@ -169,7 +190,7 @@ def _sweep_args(rule="adam", n=(5, 7)):
     (lambda a: a.__setitem__(5, [RuleSpec("adam", a[5][0].hyper, None, (torch.zeros(5, dtype=torch.float64),
                                                                         torch.zeros(5))), a[5][1]]), TypeError,
      r"specs\[0\].state exp_avg must be a float32"),
-    (lambda a: a.__setitem__(5, [RuleSpec("momentum"), a[5][1]]), ValueError, r"specs\[0\].rule"),
+    (lambda a: a.__setitem__(5, [RuleSpec("nesterov"), a[5][1]]), ValueError, r"specs\[0\].rule"),
     (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "specs must have one entry"),
     (lambda a: a.__setitem__(1, [a[1][0], torch.randn(7, dtype=torch.float64)]), ValueError,
      r"out\[1\] and sources\[1\]"),

@@ -30,7 +30,8 @@ void apply_rule(void* context, int64_t i0, const float* g, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const auto x = load(src[j]);
     float delta;
-    if constexpr (Rule == kRuleAdam) delta = rule_delta<Rule>(g[j], t.row, t.m + i0 + j, t.v + i0 + j);
+    if constexpr (rule_states(Rule) == 2) delta = rule_delta<Rule>(g[j], t.row, t.m + i0 + j, t.v + i0 + j);
+    else if constexpr (rule_states(Rule) == 1) delta = rule_delta<Rule>(g[j], t.row, t.m + i0 + j, nullptr);
     else delta = rule_delta<Rule>(g[j], t.row, nullptr, nullptr);
     delta = with_decay(delta, x, t.row);
     out[j] = store<T>(x + static_cast<decltype(x)>(delta));
@@ -50,6 +51,8 @@ CombinationSink sink_for(DType dtype) {
 CombinationSink sink_for(int rule, DType dtype) {
   if (rule == kRuleSign) return sink_for<kRuleSign>(dtype);
   if (rule == kRuleAdam) return sink_for<kRuleAdam>(dtype);
+  if (rule == kRuleMomentum) return sink_for<kRuleMomentum>(dtype);
+  if (rule == kRuleSignMomentum) return sink_for<kRuleSignMomentum>(dtype);
   return sink_for<kRuleLinear>(dtype);
 }
 

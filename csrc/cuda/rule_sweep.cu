@@ -55,8 +55,9 @@ __global__ void __launch_bounds__(kThreads) rule_sweep_kernel(const int64_t* tab
     const int64_t i = start + j;
     if (i < 0 || i >= numel) continue;
     const auto x = Io::load(src[i]);
-    float delta = Rule == kRuleAdam ? rule_delta<Rule>(g[j], hyper, m + i, v + i)
-                                    : rule_delta<Rule>(g[j], hyper, nullptr, nullptr);
+    float delta = rule_states(Rule) == 2   ? rule_delta<Rule>(g[j], hyper, m + i, v + i)
+                  : rule_states(Rule) == 1 ? rule_delta<Rule>(g[j], hyper, m + i, nullptr)
+                                           : rule_delta<Rule>(g[j], hyper, nullptr, nullptr);
     delta = with_decay(delta, x, hyper);
     out[i] = Io::store(wide_add(x, delta));
   }
@@ -66,8 +67,11 @@ template <typename Io>
 void launch(const int64_t* table, const int64_t* tiles, int64_t n_tiles, const int64_t* words, const float* floats,
             int n_terms, int rule, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_tiles));
-  auto kernel = rule == kRuleSign ? rule_sweep_kernel<Io, kRuleSign>
-                : rule == kRuleAdam ? rule_sweep_kernel<Io, kRuleAdam> : rule_sweep_kernel<Io, kRuleLinear>;
+  auto kernel = rule == kRuleSign           ? rule_sweep_kernel<Io, kRuleSign>
+                : rule == kRuleAdam         ? rule_sweep_kernel<Io, kRuleAdam>
+                : rule == kRuleMomentum     ? rule_sweep_kernel<Io, kRuleMomentum>
+                : rule == kRuleSignMomentum ? rule_sweep_kernel<Io, kRuleSignMomentum>
+                                            : rule_sweep_kernel<Io, kRuleLinear>;
   kernel<<<grid, kThreads, 0, stream>>>(table, tiles, words, floats, n_terms);
 }
 }  // namespace
@@ -78,7 +82,7 @@ void launch(const int64_t* table, const int64_t* tiles, int64_t n_tiles, const i
 extern "C" int zk_rule_sweep(const int64_t* table, const int64_t* tiles, int64_t n_tiles, const int64_t* words,
                              const float* floats, int n_terms, int rule, int dtype, uintptr_t stream) {
   if (n_tiles <= 0) return static_cast<int>(cudaSuccess);
-  if (n_tiles > 0x7fffffff || rule < kRuleLinear || rule > kRuleAdam) return static_cast<int>(cudaErrorInvalidValue);
+  if (n_tiles > 0x7fffffff || rule < kRuleLinear || rule > kRuleLast) return static_cast<int>(cudaErrorInvalidValue);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case 0: launch<F32>(table, tiles, n_tiles, words, floats, n_terms, rule, s); break;

@@ -29,23 +29,25 @@ using zokernels_bindings::as;
 namespace {
 
 void check_codes(int rule, int dtype) {
-  if (rule < zokernels::kRuleLinear || rule > zokernels::kRuleAdam)
-    throw py::value_error("rule code must be 0..2, got " + std::to_string(rule));
+  if (rule < zokernels::kRuleLinear || rule > zokernels::kRuleLast)
+    throw py::value_error("rule code must be 0.." + std::to_string(zokernels::kRuleLast) + ", got " +
+                          std::to_string(rule));
   if (dtype < 0 || dtype > 3) throw py::value_error("dtype code must be 0..3, got " + std::to_string(dtype));
 }
 
-// One list entry per tensor; m and v empty unless the rule keeps state; rows: kRuleRow fp32 scalars per tensor.
+// One list entry per tensor; m (and v) empty unless the rule keeps state (rule_states); rows: kRuleRow fp32
+// scalars per tensor.
 void rule_sweep_cpu(const std::vector<uintptr_t>& out, const std::vector<uintptr_t>& sources,
                     const std::vector<uintptr_t>& m, const std::vector<uintptr_t>& v,
                     const std::vector<int64_t>& numels, const std::vector<uint64_t>& offsets,
                     const std::vector<int>& dtypes, uint64_t seed,
                     const std::vector<std::tuple<uint64_t, float>>& terms, int rule, const std::vector<float>& rows) {
   const size_t n = out.size();
-  const bool stateful = rule == zokernels::kRuleAdam;
+  const int states = zokernels::rule_states(rule);
   for (const auto& [name, size, want] :
        {std::tuple{"sources", sources.size(), n}, std::tuple{"numels", numels.size(), n},
         std::tuple{"offsets", offsets.size(), n}, std::tuple{"dtypes", dtypes.size(), n},
-        std::tuple{"m", m.size(), stateful ? n : 0}, std::tuple{"v", v.size(), stateful ? n : 0},
+        std::tuple{"m", m.size(), states >= 1 ? n : 0}, std::tuple{"v", v.size(), states == 2 ? n : 0},
         std::tuple{"rows", rows.size(), zokernels::kRuleRow * n}}) {
     if (size != want)
       throw py::value_error(std::string("rule_sweep: ") + name + " must have " + std::to_string(want) +
@@ -54,8 +56,8 @@ void rule_sweep_cpu(const std::vector<uintptr_t>& out, const std::vector<uintptr
   std::vector<zokernels::RuleTensor> tensors;
   for (size_t i = 0; i < n; ++i) {
     check_codes(rule, dtypes[i]);
-    tensors.push_back({as<void*>(out[i]), as<const void*>(sources[i]), stateful ? as<float*>(m[i]) : nullptr,
-                       stateful ? as<float*>(v[i]) : nullptr, numels[i], offsets[i],
+    tensors.push_back({as<void*>(out[i]), as<const void*>(sources[i]), states >= 1 ? as<float*>(m[i]) : nullptr,
+                       states == 2 ? as<float*>(v[i]) : nullptr, numels[i], offsets[i],
                        static_cast<zokernels::DType>(dtypes[i]), rows.data() + zokernels::kRuleRow * i});
   }
   std::vector<zokernels::StreamTerm> stream_terms;

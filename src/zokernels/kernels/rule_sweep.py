@@ -13,6 +13,9 @@ Rules (`RuleSpec.rule`; its scalars `RuleSpec.hyper` are rounded to fp32):
 - "sign": Δ = step·sign(g), sign(±0) = 0 (ZO-signSGD; step = −lr).
 - "adam": m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², Δ = (m / (√v / √(1−β2^k) + ε))·step, step = −lr/(1−β1^k);
   m and v are fp32 tensors (RuleSpec.state) read and written in the same pass.
+- "momentum": SGD's heavy ball (torch.optim.SGD, dampening 0): m ← g if first else β·m + g, Δ = m·step (step = −lr);
+  m one fp32 tensor.
+- "sign_momentum": signum: m ← β·m + (1−β)·g, Δ = step·sign(m); m one fp32 tensor.
 Decoupled weight decay (RuleSpec.decay = −lr·wd, None for none) adds fl32(x·fl32(decay)) to Δ.
 
 Each step is one correctly rounded fp32 operation in the order of zokernels.optim.rules (the materialized path,
@@ -34,9 +37,11 @@ from .philox_torch import philox_normal_torch, sqrt_rn
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 # The rules, their fp32 scalars in row order (csrc/rule_sweep.h), and their fp32 state tensors.
 HYPER = {"linear": (), "sign": ("step",),
-         "adam": ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias2_root", "eps", "step")}
-STATES = {"linear": (), "sign": (), "adam": ("exp_avg", "exp_avg_sq")}
-RULE_CODES = {"linear": 0, "sign": 1, "adam": 2}
+         "adam": ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias2_root", "eps", "step"),
+         "momentum": ("beta", "first", "step"), "sign_momentum": ("beta", "one_minus_beta", "step")}
+STATES = {"linear": (), "sign": (), "adam": ("exp_avg", "exp_avg_sq"), "momentum": ("momentum_buffer",),
+          "sign_momentum": ("momentum_buffer",)}
+RULE_CODES = {"linear": 0, "sign": 1, "adam": 2, "momentum": 3, "sign_momentum": 4}
 ROW = 9  # fp32 scalars per tensor: has_decay, decay, the rule's (padded with zeros)
 
 # csrc/cpu/rule_sweep_cpu.cpp: lists of host addresses (m, v empty for stateless rules), rows flattened.
@@ -76,6 +81,19 @@ def rule_delta_torch(rule: str, g: torch.Tensor, hyper: Sequence[float], state: 
     HYPER[rule] order. One torch op per fp32 rounding, in the order of csrc/rule_sweep.h (sqrt correctly rounded)."""
     if rule == "sign":
         return torch.sign(g) * hyper[0]
+    if rule == "momentum":
+        beta, first, step = hyper
+        (m,) = state
+        if first:
+            m.copy_(g)
+        else:
+            m.mul_(beta).add_(g)
+        return m * step
+    if rule == "sign_momentum":
+        beta, one_minus_beta, step = hyper
+        (m,) = state
+        m.mul_(beta).add_(g * one_minus_beta)
+        return torch.sign(m) * step
     if rule == "adam":
         beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_root, eps, step = hyper
         m, v = state
@@ -138,10 +156,10 @@ def sweep_cpu(out, sources, offsets, seed, terms32, specs) -> None:
     keep = [i for i, o in enumerate(out) if o.numel() > 0]
     if not keep:
         return
-    stateful = bool(STATES[specs[0].rule])
+    states = len(STATES[specs[0].rule])
     SWEEP_CPU("cpu", [out[i] for i in keep], [sources[i] for i in keep],
-              [specs[i].state[0] for i in keep] if stateful else None,
-              [specs[i].state[1] for i in keep] if stateful else None,
+              [specs[i].state[0] for i in keep] if states >= 1 else None,
+              [specs[i].state[1] for i in keep] if states == 2 else None,
               [out[i].numel() for i in keep], [offsets[i] for i in keep], seed, terms32, RULE_CODES[specs[0].rule],
               [x for i in keep for x in specs[i].row()])
 

@@ -7,11 +7,12 @@ A rule is either
   advances its fp32 state in place (only after every closure call of the step has succeeded, so a failing closure
   leaves it untouched). Momentum with a dense buffer, Adam, sign.
 
-**Fused** (`sweepable`, `sweep_spec`): on the gaussian basis without a preconditioner, a linear rule, sign without
-momentum and Adam (each with weight decay) update every tensor in one Philox sweep from the restore copy
-(zokernels.kernels.rule_sweep): ĝ is formed per element in fp32 registers and never materialized, and the result
-equals the materialized path (`delta`) bit for bit (tests/test_rule_sweep.py). Dense momentum (SGD, sign) still
-materializes ĝ. `fuse = False` on a rule forces the materialized path (the path the fused one is tested against).
+**Fused** (`sweepable`, `sweep_spec`): on the gaussian basis without a preconditioner, a linear rule, sign, Adam and
+dense momentum (SGD's heavy ball, signum; each with weight decay) update every tensor in one Philox sweep from the
+restore copy (zokernels.kernels.rule_sweep): ĝ is formed per element in fp32 registers and never materialized, and
+the result equals the materialized path (`delta`) bit for bit (tests/test_rule_sweep.py). Param groups that mix
+momentum 0 and momentum > 0 take the materialized path (one rule per sweep). `fuse = False` on a rule forces the
+materialized path (the path the fused one is tested against).
 
 Adding a rule touches three files: this one (the rule), optimizers.py (the public class, a few lines) and
 reference/optim_ref.py (its float64 twin, which tests/test_optim.py then compares automatically).
@@ -122,13 +123,27 @@ class SGDRule(UpdateRule):
         return 4 if self.dense else 0
 
     def sweepable(self, opt: "ZOOptimizer") -> bool:
-        return self.linear
+        # a dense buffer fuses when every group has one (a group without momentum would need a second rule)
+        return self.linear or all(g["momentum"] != 0.0 for g in self.groups)
 
     def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
                    pending: dict[str, Any]) -> Plan:
+        if self.dense:
+            hyper, buffer = self._advance(opt, i, group)
+            return est.terms(), RuleSpec("momentum", hyper, _decay(group), (buffer,))
         lr = opt._update_lr(group)
         terms = [(s, scaled_coeff(a, lr)) for s, a in self.terms(opt, est, i, pending)]
         return terms, RuleSpec("linear", decay=_decay(group))
+
+    def _advance(self, opt: "ZOOptimizer", i: int, group: dict[str, Any]) -> tuple[tuple[float, ...], torch.Tensor]:
+        """kernels.rule_sweep's "momentum" scalars (β, first, −lr) of tensor i and its fp32 buffer, created as zeros
+        on the tensor's first step (first = 1: the rule then writes m = ĝ, torch SGD's first-step buffer)."""
+        p = opt._params()[i]
+        state = opt.state[p]
+        first = "momentum_buffer" not in state
+        if first:
+            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return (f32(group["momentum"]), 1.0 if first else 0.0, f32(-group["lr"])), state["momentum_buffer"]
 
     def prepare(self, opt: "ZOOptimizer", est: Estimate, info: StepInfo) -> dict[str, Any]:
         if self.momentum_buffer != "replay" or not self.stateful:
@@ -169,12 +184,8 @@ class SGDRule(UpdateRule):
               pending: dict[str, Any]) -> torch.Tensor:
         if group["momentum"] == 0.0:
             return g * f32(-group["lr"])
-        state = opt.state[opt._params()[i]]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = g.clone()
-        else:
-            state["momentum_buffer"].mul_(f32(group["momentum"])).add_(g)
-        return state["momentum_buffer"] * f32(-group["lr"])
+        hyper, buffer = self._advance(opt, i, group)
+        return rule_delta_torch("momentum", g, hyper, (buffer,))
 
     def extra_state(self, opt: "ZOOptimizer") -> dict[str, Any]:
         return {"history": [(t, list(a), list(c)) for t, a, c in self.history],
@@ -208,22 +219,32 @@ class SignRule(UpdateRule):
         return 4 if self.stateful else 0
 
     def sweepable(self, opt: "ZOOptimizer") -> bool:
-        return not self.stateful
+        # one rule per sweep: every group without momentum ("sign") or every group with it ("sign_momentum")
+        return len({g["momentum"] != 0.0 for g in self.groups}) <= 1
 
     def sweep_spec(self, opt: "ZOOptimizer", est: Estimate, i: int, group: dict[str, Any],
                    pending: dict[str, Any]) -> Plan:
-        return est.terms(), RuleSpec("sign", (-group["lr"],), _decay(group))
+        if group["momentum"] == 0.0:
+            return est.terms(), RuleSpec("sign", (-group["lr"],), _decay(group))
+        hyper, buffer = self._advance(opt, i, group)
+        return est.terms(), RuleSpec("sign_momentum", hyper, _decay(group), (buffer,))
+
+    def _advance(self, opt: "ZOOptimizer", i: int, group: dict[str, Any]) -> tuple[tuple[float, ...], torch.Tensor]:
+        """kernels.rule_sweep's "sign_momentum" scalars (β, 1 − β, −lr) of tensor i and its fp32 buffer (zeros at
+        first)."""
+        p = opt._params()[i]
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        beta = group["momentum"]
+        return (f32(beta), f32(1.0 - beta), f32(-group["lr"])), state["momentum_buffer"]
 
     def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
               pending: dict[str, Any]) -> torch.Tensor:
-        beta = group["momentum"]
-        if beta != 0.0:
-            state = opt.state[opt._params()[i]]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            state["momentum_buffer"].mul_(f32(beta)).add_(g * f32(1.0 - beta))
-            g = state["momentum_buffer"]
-        return rule_delta_torch("sign", g, (f32(-group["lr"]),))
+        if group["momentum"] == 0.0:
+            return rule_delta_torch("sign", g, (f32(-group["lr"]),))
+        hyper, buffer = self._advance(opt, i, group)
+        return rule_delta_torch("sign_momentum", g, hyper, (buffer,))
 
 
 class AdamRule(UpdateRule):

@@ -108,9 +108,10 @@ def masked_sgd_ref(params: list[torch.Tensor], buffers: list[torch.Tensor], mask
 def rule_sweep_ref(x: torch.Tensor, offset: int, seed: int, terms, rule: str, hyper=(), decay: float | None = None,
                    state: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(x updated, the new state) of one tensor: g = Σ fl32(c)·z in float32 from 0 in term order; Δ by the rule
-    (sign: step·sign(g) with sign(0) = 0; adam: the moments, then (m / (√v / bias2_root + ε))·step; linear: g), every
-    scalar rounded to float32; with decay, Δ + fl32(x·fl32(decay)) (the product in float64 for float64 x); then
-    x + Δ in float32 (float64 for float64 x), rounded once to x's dtype. `state` is not modified."""
+    (sign: step·sign(g) with sign(0) = 0; adam: the moments, then (m / (√v / bias2_root + ε))·step; momentum:
+    m = g on the first step, else β·m + g, then m·step; sign_momentum: m = β·m + (1−β)·g, then step·sign(m);
+    linear: g), every scalar rounded to float32; with decay, Δ + fl32(x·fl32(decay)) (the product in float64 for
+    float64 x); then x + Δ in float32 (float64 for float64 x), rounded once to x's dtype. `state` is not modified."""
     f32 = np.float32
     n = x.numel()
     g = np.zeros(n, dtype=f32)
@@ -118,8 +119,19 @@ def rule_sweep_ref(x: torch.Tensor, offset: int, seed: int, terms, rule: str, hy
         g = g + f32(coeff) * philox_normal_ref(n, seed, stream, offset)
     h = [f32(v) for v in hyper]
     new_state = [s.detach().reshape(-1).numpy().copy() for s in state]
+    sign = lambda a: np.where(a > 0, f32(1), np.where(a < 0, f32(-1), f32(0)))  # noqa: E731
     if rule == "sign":
-        delta = np.where(g > 0, f32(1), np.where(g < 0, f32(-1), f32(0))) * h[0]
+        delta = sign(g) * h[0]
+    elif rule == "momentum":
+        beta, first, step = h
+        m = g.copy() if first else new_state[0] * beta + g
+        new_state = [m]
+        delta = m * step
+    elif rule == "sign_momentum":
+        beta, one_minus_beta, step = h
+        m = new_state[0] * beta + g * one_minus_beta
+        new_state = [m]
+        delta = sign(m) * step
     elif rule == "adam":
         beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_root, eps, step = h
         m = new_state[0] * beta1 + g * one_minus_beta1

@@ -16,8 +16,9 @@ from .philox_sweep import _TL_DTYPES, _WIDE, _load_wide, _store_narrow, _tile_co
 COL_OUT, COL_SRC, COL_M, COL_V, COL_NUMEL, COL_OFFSET = (tl.constexpr(c) for c in range(6))
 N_COLS = tl.constexpr(6)
 ROW = tl.constexpr(9)  # fp32 scalars per tensor: has_decay, decay, then the rule's
-RULE_CODES = {"linear": 0, "sign": 1, "adam": 2}
+RULE_CODES = {"linear": 0, "sign": 1, "adam": 2, "momentum": 3, "sign_momentum": 4}
 SIGN, ADAM = tl.constexpr(RULE_CODES["sign"]), tl.constexpr(RULE_CODES["adam"])
+MOMENTUM, SIGN_MOMENTUM = tl.constexpr(RULE_CODES["momentum"]), tl.constexpr(RULE_CODES["sign_momentum"])
 
 
 @triton.jit
@@ -43,10 +44,22 @@ def _rule_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms, RUL
 
 @triton.jit
 def _rule_delta(g, hyper, row, i, mask, RULE: tl.constexpr):
-    """Δ of the rule (csrc/rule_sweep.h rule_delta); adam reads and writes its fp32 state m, v."""
+    """Δ of the rule (csrc/rule_sweep.h rule_delta); adam reads and writes its fp32 state m, v, the momentum
+    rules their m."""
     if RULE == SIGN:
         sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
         return sign * tl.load(hyper + 2)
+    elif RULE == MOMENTUM:
+        m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
+        m = tl.where(tl.load(hyper + 3) != 0.0, g, tl.load(m_ptrs, mask=mask) * tl.load(hyper + 2) + g)
+        tl.store(m_ptrs, m, mask=mask)
+        return m * tl.load(hyper + 4)
+    elif RULE == SIGN_MOMENTUM:
+        m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
+        m = tl.load(m_ptrs, mask=mask) * tl.load(hyper + 2) + g * tl.load(hyper + 3)
+        tl.store(m_ptrs, m, mask=mask)
+        sign = tl.where(m > 0.0, 1.0, tl.where(m < 0.0, -1.0, 0.0))
+        return sign * tl.load(hyper + 4)
     elif RULE == ADAM:
         m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
         v_ptrs = tl.load(row + COL_V).to(tl.pointer_type(tl.float32)) + i
