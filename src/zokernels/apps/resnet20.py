@@ -376,8 +376,9 @@ def _train(trainer: Trainer, args: argparse.Namespace, step_log: CsvLog, epoch_l
 
 
 def _describe(args: argparse.Namespace) -> str:
-    data = ("MNIST-5k (real 28x28 digits)" if args.data == "mnist" else f"CIFAR-10 from {args.data}" if args.data
-            else "the embedded scikit-learn digits")
+    size = args.image_size or setup.MNIST_SIZE
+    data = (f"MNIST-5k (real digits, {size}x{size})" if args.data == "mnist" else
+            f"CIFAR-10 from {args.data}" if args.data else "the embedded scikit-learn digits")
     model = f"small_cnn depth {args.depth}" if args.model == "small_cnn" else args.model
     method = "FO (autograd)" if args.fo else f"sparse CGE, {args.ratios} ratios at sparsity {args.sparsity}"
     return (f"train resnet20, preset {args.preset}: {model} on {data}; {method}; {args.epochs} epochs, batch "
