@@ -317,7 +317,8 @@ def plot(rows, path):
             sd = [statistics.pstdev([c[k][1] for c in cs]) for k in range(n)]
             mezo = "mezo" in name
             line, = ax.plot(xs, mean, label=name.replace(prefix.split("@")[0] + "_", ""), lw=2 if mezo else 1.3,
-                            ls="--" if name.endswith("const") else "-", color="black" if mezo else None)
+                            ls="--" if name.endswith("const") or (task != "digits_mlp" and "@" in name) else "-",
+                            color="black" if mezo else None)
             ax.fill_between(xs, [a - s for a, s in zip(mean, sd)], [a + s for a, s in zip(mean, sd)], alpha=0.15,
                             color=line.get_color())
         ax.set_title(f"{task}: {prefix}")
