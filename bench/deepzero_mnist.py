@@ -207,8 +207,12 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     depths = sorted({int(r["depth"]) for r in rows})
-    fig, axes = plt.subplots(1, len(depths), figsize=(5.5 * len(depths), 4), squeeze=False)
-    for ax, depth in zip(axes[0], depths):
+    columns = min(3, len(depths))  # five panels in one row are too small to read
+    rows_of_panels = -(-len(depths) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(depths):]:
+        ax.set_visible(False)
+    for ax, depth in zip(axes.flat, depths):
         for method, color in (("fo", "tab:blue"), ("cge", "tab:orange")):
             mine = [r for r in rows if int(r["depth"]) == depth and r["method"] == method]
             steps = sorted({int(r["step"]) for r in mine})
