@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import zokernels
 from zokernels import cge_step
 from zokernels.distributed import CoordinateSharder, partition_by_cost, selected_coordinates
 from zokernels.models import small_cnn
@@ -101,7 +103,9 @@ def _pp_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     zo = PerturbationParallelZO(check_every=1)  # fingerprints compared before the first and after every step
     model, batch = _pp_problem()
-    out = {"steps": _pp_run(model, batch, zo.mezo_step, rng_base=100 if rank == 0 else 500)}
+    workspace = zokernels.MeZOWorkspace()  # the ranks keep their scratch copies; one process (compared) does not
+    out = {"steps": _pp_run(model, batch, functools.partial(zo.mezo_step, workspace=workspace),
+                            rng_base=100 if rank == 0 else 500)}
     zo.check_replicas(model, exact=True)
     out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
     out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}

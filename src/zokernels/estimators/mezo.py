@@ -123,6 +123,8 @@ class Perturbation:
         self.backend = backends.resolve_backend(backend, self.params[0].device)
         self.plus: list[torch.Tensor] = []
         self.minus: list[torch.Tensor] = []
+        if workspace is not None and not isinstance(workspace, MeZOWorkspace):
+            raise TypeError(f"workspace must be a zokernels.MeZOWorkspace or None, got {type(workspace).__name__}")
         if scratch:
             self.plus, self.minus = (workspace or MeZOWorkspace()).copies_for(self.params)
 
@@ -277,8 +279,6 @@ def mezo_step(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None,
     mu, lr, q, seed = check_step_args(mu, lr, q, mode, seed)
     check_update_args(update, accumulate, mode)
     named = select_parameters(model, param_filter)
-    if workspace is not None and not isinstance(workspace, MeZOWorkspace):
-        raise TypeError(f"workspace must be a zokernels.MeZOWorkspace or None, got {type(workspace).__name__}")
     pert = Perturbation(model, named, backend, scratch=mode == "exact", workspace=workspace)
     restored = RESTORED if mode == "exact" else INPLACE_RESTORED
     with QueryScope(model, restored=restored) as ctx:
