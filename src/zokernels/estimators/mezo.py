@@ -84,8 +84,9 @@ class MeZOWorkspace:
 
     Why: on a CPU, tensors this large come fresh from the operating system on every allocation (glibc maps each
     block over 32 MiB anew and unmaps it when freed), so a step that allocates its copies pays a page fault for
-    every 4 KiB it writes. Measured on the MiniLM classifier (22.6M parameters, one thread): the dual sweep takes
-    0.130 s into fresh copies and 0.035 s into reused ones (bench/mezo_throughput.py, docs/lm.md). On a GPU,
+    every 4 KiB it writes. Measured on the MiniLM classifier (22.6M parameters, one thread): the dual sweep and the
+    update take 0.157 s into fresh copies and 0.067 s into reused ones (bench/mezo_throughput.py --sweeps-only,
+    docs/lm.md). On a GPU,
     torch's caching allocator already reuses the blocks; the workspace changes nothing there but costs nothing.
 
     The copies are held (2 × the selected parameters' bytes) until `release()` or until the object is dropped;
