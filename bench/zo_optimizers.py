@@ -280,7 +280,7 @@ def memory_table() -> list[dict]:
         # the restore copies kept between steps are dropped before each measured step, so that the step allocates
         # its own where the profiler sees them (it cannot see the free of a block allocated before it started)
         def fresh_step():
-            opt._restore_copies, opt._restore_key = [], None
+            opt._restore_copies.release()
             return profiled_peak(lambda: opt.step(closure))
 
         step_peak = max(fresh_step() for _ in range(2))

@@ -347,7 +347,8 @@ def test_measured_extra_memory_matches_formula(make, exact):
         inference = _profiled_peak(closure)
     held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
-    kept = sum(c.numel() * c.element_size() for c in opt._restore_copies)  # the last step's, kept for the next
+    # the last step's restore copies, kept for the next
+    kept = sum(c.numel() * c.element_size() for c in opt._restore_copies.copies[0])
     layers_before = opt.last_step.layers
     measured = held + kept + _profiled_peak(lambda: opt.step(closure)) - inference
     formula = opt.memory_formula()
@@ -380,13 +381,13 @@ def test_restore_copies_are_kept_between_steps_and_freed_before_new_ones():
     groups = [{"params": list(model[k].parameters())} for k in (0, 2, 4)]
     dense, sampled = zo.ZOSGD(groups, lr=1e-3), zo.LeZO(groups, lr=1e-3, layers_per_step=1)
     dense.step(lambda: F.cross_entropy(model(x), y))
-    first = [c.data_ptr() for c in dense._restore_copies]
+    first = [c.data_ptr() for c in dense._restore_copies.copies[0]]
     dense.step(lambda: F.cross_entropy(model(x), y))
-    assert [c.data_ptr() for c in dense._restore_copies] == first and len(first) == 6
+    assert [c.data_ptr() for c in dense._restore_copies.copies[0]] == first and len(first) == 6
     changes = 0
     for _ in range(12):
         sampled.step(lambda: F.cross_entropy(model(x), y))
-        before, old = sampled.last_step.layers, [weakref.ref(c) for c in sampled._restore_copies]
+        before, old = sampled.last_step.layers, [weakref.ref(c) for c in sampled._restore_copies.copies[0]]
         alive_at_first_call = []
 
         def closure():

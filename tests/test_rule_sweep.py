@@ -149,7 +149,8 @@ def test_fused_extra_memory_is_copy_state_and_rng_exactly(make):
     def extra():
         held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-        kept = sum(c.numel() * c.element_size() for c in opt._restore_copies)  # restore copy kept between steps
+        # the restore copies kept between steps
+        kept = sum(c.numel() * c.element_size() for c in opt._restore_copies.copies[0])
         return held + kept + _profiled_peak(lambda: opt.step(closure)) - inference
 
     opt.step(closure)

@@ -60,6 +60,35 @@ def _device_of(model: torch.nn.Module | None, params: Sequence[torch.Tensor]) ->
     return first.device if first is not None else torch.device("cpu")
 
 
+class KeptCopies:
+    """`sets` lists of scratch tensors shaped like the given tensors, kept from one step to the next while the
+    tensors stay the same ones (same objects, shapes, dtypes, devices); otherwise the old copies are freed first, then
+    new ones allocated, so the two never coexist. Their contents are stale: every step overwrites them.
+
+    Why: on a CPU a fresh copy of a large model is written into fresh pages (glibc maps every block over 32 MiB anew
+    and unmaps it when freed), a page fault per 4 KiB. Measured on SmolLM2's 134.5M parameters, one thread: MeZO's
+    two sweeps take 0.971 s into fresh copies and 0.392 s into kept ones (bench/mezo_throughput.py --sweeps-only).
+    On a GPU torch's caching allocator already reuses the blocks; keeping them changes nothing there."""
+
+    def __init__(self, sets: int) -> None:
+        self.sets = sets
+        self._key: list[tuple] | None = None
+        self.copies: list[list[torch.Tensor]] = [[] for _ in range(sets)]
+
+    def like(self, tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The `sets` lists of copies shaped like `tensors`."""
+        key = [(id(t), t.shape, t.dtype, t.device) for t in tensors]
+        if key != self._key:
+            self.release()
+            self.copies = [[torch.empty_like(t) for t in tensors] for _ in range(self.sets)]
+            self._key = key
+        return self.copies
+
+    def release(self) -> None:
+        """Frees the copies; the next `like` allocates them again."""
+        self._key, self.copies = None, [[] for _ in range(self.sets)]
+
+
 class QueryScope:
     """`with QueryScope(model, params) as scope: scope.loss(loss_fn, batch, query)` (see the module docstring).
 
@@ -75,8 +104,8 @@ class QueryScope:
         self.losses: list[float] = []
 
     def _take_snapshot(self) -> list[torch.Tensor]:
-        """Copies of the parameters, into `snapshot_into` when given (tensors kept by the caller from step to step:
-        on a CPU a fresh copy of a large model is written into fresh pages, a page fault per 4 KiB)."""
+        """Copies of the parameters, into `snapshot_into` when given (tensors the caller keeps from step to step,
+        see KeptCopies)."""
         if self._snapshot_into is None:
             return [p.detach().clone() for p in self.params]
         with torch.no_grad():

@@ -47,7 +47,7 @@ import torch
 from .. import backends, philox
 from ..checks import check_int, check_mu, check_nonneg
 from ..estimators.common import BASE_QUERY, StepResult, direction_query
-from ..estimators.scope import QueryScope
+from ..estimators.scope import KeptCopies, QueryScope
 
 STREAM_BITS = 20
 MAX_DIRECTIONS = (1 << STREAM_BITS) - 2
@@ -328,8 +328,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = philox.step_seed(seed)
         self.t = 0
         self.last_step: StepInfo | None = None
-        self._restore_copies: list[torch.Tensor] = []  # see _restore_copies_for
-        self._restore_key: list[tuple] | None = None
+        # the restore copies (`backup`) of the active tensors, kept for the next step while the active set stays (a
+        # new set frees them first, so what is held stays within memory_formula()'s restore copy); not in state_dict
+        self._restore_copies = KeptCopies(1)
         params_ = self._params()
         devices = {p.device for p in params_}
         if len(devices) != 1:
@@ -419,7 +420,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         layers = self._layers()
         active = sorted(i for k in layer_ids for i in layers[k])
         queries = ClosureScope(closure, [params[i] for i in active], params[0].device,
-                               snapshot_into=self._restore_copies_for(params, active))
+                               snapshot_into=self._restore_copies.like([params[i] for i in active])[0])
         dirs = self._directions(params, philox.stream_offsets(params), t)
         info = StepInfo(loss=float("nan"), num_queries=0, backend=self.backend, seed=self.seed, step=t, layers=layer_ids)
         try:
@@ -442,18 +443,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.t = t + 1
         self.last_step = info
         return info.loss
-
-    def _restore_copies_for(self, params: list[torch.Tensor], active: list[int]) -> list[torch.Tensor]:
-        """The step's restore copies (`backup`) of the active tensors, kept for the next step while the active set
-        and layouts stay the same: on a CPU, fresh copies of a large model cost more than the sweeps that read them
-        (page faults: docs/lm.md, "Throughput"). With layer sampling a new active set replaces them (the old ones
-        freed first), so what is held stays within memory_formula()'s restore copy. Not part of state_dict."""
-        key = [(i, params[i].shape, params[i].dtype, params[i].device) for i in active]
-        if key != self._restore_key:
-            self._restore_copies, self._restore_key = [], None  # free before allocating: no peak of both
-            self._restore_copies = [torch.empty_like(params[i]) for i in active]
-            self._restore_key = key
-        return self._restore_copies
 
     def _write_update(self, est: Estimate, backup: list[torch.Tensor], pending: dict[str, Any]) -> None:
         """θ_new for every active tensor, written from the restore copy (no separate restore pass). Where the rule is
@@ -489,9 +478,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- memory --
     def memory_formula(self) -> dict[str, int]:
         """Extra bytes of a step over inference, from the stated formula: the restore copy of the active tensors
-        (their dtype; with layer sampling the largest k layers; kept between steps), the persistent fp32 state (estimator + rule, all
-        tensors), the saved RNG states (start and after the first call), and a bound on transient fp32 buffers
-        (`transient_buffers()` × 4 × largest tensor numel; 0 on the pure sweep path)."""
+        (their dtype; with layer sampling the largest k layers; kept between steps), the persistent fp32 state
+        (estimator + rule, all tensors), the saved RNG states (start and after the first call), and a bound on
+        transient fp32 buffers (`transient_buffers()` × 4 × largest tensor numel; 0 on the pure sweep path)."""
         params = self._params()
         layers = self._layers()
         sizes = sorted((sum(params[i].numel() * params[i].element_size() for i in layer) for layer in layers),
