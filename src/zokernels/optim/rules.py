@@ -40,6 +40,18 @@ def _decay(group: dict[str, Any]) -> float | None:
     return -group["lr"] * group["weight_decay"] if group["weight_decay"] != 0.0 else None
 
 
+def fp32_state(opt: "ZOOptimizer", i: int, *names: str) -> tuple[bool, tuple[torch.Tensor, ...]]:
+    """Tensor i's fp32 state tensors `names` (the fused sweep reads and writes them in place), created as zeros the
+    first time; also whether they were created just now (the tensor's first step)."""
+    p = opt._params()[i]
+    state = opt.state[p]
+    first = names[0] not in state
+    if first:
+        for name in names:
+            state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    return first, tuple(state[name] for name in names)
+
+
 class UpdateRule:
     """Base: stateless, elementwise Δ = −lr·ĝ (subclasses override)."""
 
@@ -138,12 +150,8 @@ class SGDRule(UpdateRule):
     def _advance(self, opt: "ZOOptimizer", i: int, group: dict[str, Any]) -> tuple[tuple[float, ...], torch.Tensor]:
         """kernels.rule_sweep's "momentum" scalars (β, first, −lr) of tensor i and its fp32 buffer, created as zeros
         on the tensor's first step (first = 1: the rule then writes m = ĝ, torch SGD's first-step buffer)."""
-        p = opt._params()[i]
-        state = opt.state[p]
-        first = "momentum_buffer" not in state
-        if first:
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return (f32(group["momentum"]), 1.0 if first else 0.0, f32(-group["lr"])), state["momentum_buffer"]
+        first, (buffer,) = fp32_state(opt, i, "momentum_buffer")
+        return (f32(group["momentum"]), 1.0 if first else 0.0, f32(-group["lr"])), buffer
 
     def prepare(self, opt: "ZOOptimizer", est: Estimate, info: StepInfo) -> dict[str, Any]:
         if self.momentum_buffer != "replay" or not self.stateful:
@@ -232,12 +240,9 @@ class SignRule(UpdateRule):
     def _advance(self, opt: "ZOOptimizer", i: int, group: dict[str, Any]) -> tuple[tuple[float, ...], torch.Tensor]:
         """kernels.rule_sweep's "sign_momentum" scalars (β, 1 − β, −lr) of tensor i and its fp32 buffer (zeros at
         first)."""
-        p = opt._params()[i]
-        state = opt.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        _, (buffer,) = fp32_state(opt, i, "momentum_buffer")
         beta = group["momentum"]
-        return (f32(beta), f32(1.0 - beta), f32(-group["lr"])), state["momentum_buffer"]
+        return (f32(beta), f32(1.0 - beta), f32(-group["lr"])), buffer
 
     def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
               pending: dict[str, Any]) -> torch.Tensor:
@@ -274,18 +279,14 @@ class AdamRule(UpdateRule):
         """Counts tensor i's step k and returns the fp32 scalars of kernels.rule_sweep's "adam" (β1, 1 − β1, β2,
         1 − β2, √(1 − β2^k), ε, −lr/(1 − β1^k)) and its moments (m, v), created as fp32 zeros on its first step.
         (The √ of v is correctly rounded on every path; torch.sqrt on CPU float32 is not.)"""
-        p = opt._params()[i]
-        state = opt.state[p]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
+        first, moments = fp32_state(opt, i, "exp_avg", "exp_avg_sq")
+        state = opt.state[opt._params()[i]]
+        state["step"] = 1 if first else state["step"] + 1
         k = state["step"]
+        beta1, beta2 = group["betas"]
         hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** k), group["eps"],
                  -group["lr"] / (1.0 - beta1 ** k))
-        return tuple(f32(h) for h in hyper), (state["exp_avg"], state["exp_avg_sq"])
+        return tuple(f32(h) for h in hyper), moments
 
     def delta(self, opt: "ZOOptimizer", g: torch.Tensor, i: int, group: dict[str, Any],
               pending: dict[str, Any]) -> torch.Tensor:
