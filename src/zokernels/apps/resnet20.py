@@ -97,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     add("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: all epochs)")
     add("--eval-every", type=int, default=None,
-        help="also log test loss/accuracy to <out>/evals.csv at step 0 and every this many steps, for runs shorter than "
-             "an epoch (default: only at epoch ends, in epochs.csv)")
+        help="also log test loss/accuracy to <out>/evals.csv at step 0 and every this many steps, for runs shorter "
+             "than an epoch (default: only at epoch ends, in epochs.csv)")
     add("--plot", action="store_true", help="write <out>/curves.png from the CSV logs")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     add("--progress-chunk", type=int, default=512,

@@ -13,8 +13,8 @@ Bit-identical to csrc/philox.h and to the numpy twin (reference/philox_ref.py) b
   and the numpy twin's.
 
 Element i of a stream is lane i % 4 of Philox block i // 4; a block is computed once for its four elements (the
-numpy twin computes one Philox block per element), in chunks of chunk_blocks(device) blocks to bound temporaries. Results
-do not depend on the chunking."""
+numpy twin computes one Philox block per element), in chunks of chunk_blocks(device) blocks to bound temporaries.
+Results do not depend on the chunking."""
 from __future__ import annotations
 
 import torch
