@@ -43,12 +43,17 @@ def _rule_sweep_kernel(table_ptr, tiles_ptr, words_ptr, floats_ptr, n_terms, RUL
 
 
 @triton.jit
+def _sign(x):
+    """torch.sign: −1, 0 or 1 (0 for ±0 and NaN), as csrc/rule_sweep.h zk_sign."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+
+
+@triton.jit
 def _rule_delta(g, hyper, row, i, mask, RULE: tl.constexpr):
     """Δ of the rule (csrc/rule_sweep.h rule_delta); adam reads and writes its fp32 state m, v, the momentum
     rules their m."""
     if RULE == SIGN:
-        sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
-        return sign * tl.load(hyper + 2)
+        return _sign(g) * tl.load(hyper + 2)
     elif RULE == MOMENTUM:
         m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
         m = tl.where(tl.load(hyper + 3) != 0.0, g, tl.load(m_ptrs, mask=mask) * tl.load(hyper + 2) + g)
@@ -58,8 +63,7 @@ def _rule_delta(g, hyper, row, i, mask, RULE: tl.constexpr):
         m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
         m = tl.load(m_ptrs, mask=mask) * tl.load(hyper + 2) + g * tl.load(hyper + 3)
         tl.store(m_ptrs, m, mask=mask)
-        sign = tl.where(m > 0.0, 1.0, tl.where(m < 0.0, -1.0, 0.0))
-        return sign * tl.load(hyper + 4)
+        return _sign(m) * tl.load(hyper + 4)
     elif RULE == ADAM:
         m_ptrs = tl.load(row + COL_M).to(tl.pointer_type(tl.float32)) + i
         v_ptrs = tl.load(row + COL_V).to(tl.pointer_type(tl.float32)) + i
