@@ -36,6 +36,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zokernels import MeZOWorkspace, mezo_step  # noqa: E402
+from zokernels.estimators.mezo import Perturbation, select_parameters  # noqa: E402
 from zokernels.apps import lm  # noqa: E402
 
 from benchlib import append_csv_rows, run_metadata  # noqa: E402
@@ -128,10 +129,8 @@ def sweep_times(model, repeats: int) -> dict[str, float]:
     """The exact mode's two sweeps alone (θ ± μz into the scratch copies, then the update), into copies allocated
     for the call ('fresh', what a step without a workspace does) and into reused ones ('reused'): best thread CPU
     time of `repeats` alternating calls. The difference is the cost of writing fresh pages."""
-    from zokernels.estimators.mezo import MeZOWorkspace as Workspace, Perturbation, select_parameters
-
     named = select_parameters(model, None)
-    workspace = Workspace()
+    workspace = MeZOWorkspace()
 
     def sweeps(ws):
         pert = Perturbation(model, named, None, scratch=True, workspace=ws)
